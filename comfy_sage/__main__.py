@@ -1,0 +1,122 @@
+"""Command line: `python -m comfy_sage {doctor,demo,accuracy}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import torch
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    info = doctor.summary(_device(args.device))
+    print(json.dumps(info, indent=2) if args.json else doctor.render(info))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """doctor, then one attention call through the public API, checked against float64."""
+    from . import dispatch, doctor, reference, sageattn
+    from .modes import Mode
+    from .testing import make_qkv
+
+    device = _device(args.device)
+    print(doctor.render(doctor.summary(device)))
+    b, h, n, d = args.batch, args.heads, args.seq, args.head_dim
+    q, k, v = make_qkv(b, h, n, d, device=device, generator=torch.Generator().manual_seed(args.seed))
+    truth = reference.exact.attention(q, k, v)
+    plan = dispatch.plan(Mode.parse(args.mode), device, d, q.dtype, False)
+    print(f"\ndemo: sageattn(q, k, v, mode={args.mode!r}) on {device}, q/k/v [B={b}, H={h}, N={n}, D={d}] bf16")
+    print(
+        f"  runs: {plan.kernel.name if plan.kernel else 'PyTorch attention (fallback)'}"
+        + (f" - {plan.reason}" if plan.reason else "")
+    )
+    sageattn(q, k, v, mode=args.mode)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = sageattn(q, k, v, mode=args.mode)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    rows = [("sageattn (this call)", out, elapsed)]
+    for mode in ("int8_fp8", "int8_fp16"):
+        rows.append((f"reference {mode}", reference.sageattn(q, k, v, mode=mode), None))
+    print(f"  {'':<22} {'cos sim':>9} {'rel L1':>8} {'time':>9}")
+    for name, o, t in rows:
+        acc = reference.accuracy(o, truth)
+        print(f"  {name:<22} {acc['cos_sim']:9.6f} {acc['rel_l1']:8.4f} {f'{t * 1e3:.2f} ms' if t else '':>9}")
+    print(f"  output: shape {list(out.shape)} {out.dtype}, mean {out.float().mean():.5f}, std {out.float().std():.5f}")
+    return 0
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    """The README's accuracy table: the reference in every mode against float64, on two kinds of input."""
+    from . import reference
+    from .modes import QUANTIZED_MODES
+    from .testing import make_qkv
+
+    variants = [
+        ("per-thread, K smoothing", dict(smooth_q=False)),
+        ("per-thread, Q+K smoothing", dict(smooth_q=True)),
+        ("per-block, Q+K smoothing", dict(smooth_q=True, granularity="block")),
+        ("per-thread, no smoothing", dict(smooth_q=False, smooth_k=False)),
+    ]
+    print(f"B={args.batch} H={args.heads} N={args.seq} D={args.head_dim} bf16, seed {args.seed}, vs float64")
+    print("| inputs | mode | quantization | cos sim | rel L1 |\n|---|---|---|---|---|")
+    for kind in ("normal", "biased"):
+        g = torch.Generator().manual_seed(args.seed)
+        q, k, v = make_qkv(args.batch, args.heads, args.seq, args.head_dim, kind=kind, generator=g)
+        truth = reference.exact.attention(q, k, v)
+        for mode in QUANTIZED_MODES:
+            for name, kwargs in variants:
+                acc = reference.accuracy(reference.sageattn(q, k, v, mode=mode, **kwargs), truth)
+                print(f"| {kind} | {mode.value} | {name} | {acc['cos_sim']:.5f} | {acc['rel_l1']:.4f} |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfy_sage")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="what this machine runs: GPU, kernels, modes")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--device", help="e.g. cuda:1 (default: the current CUDA device, else cpu)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("demo", help="doctor, then one call through the API checked against float64")
+    p.add_argument("--device")
+    p.add_argument("--mode", default="auto")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("accuracy", help="the reference's accuracy table (every mode vs float64)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_accuracy)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

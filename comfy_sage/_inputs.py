@@ -1,0 +1,123 @@
+"""Checking and normalizing the arguments every attention entry point shares.
+
+All entry points (the public API, the reference, the torch ops) accept Q, K, V in either layout:
+HND = [batch, heads, tokens, head_dim] or NHD = [batch, tokens, heads, head_dim]. Internally everything
+works on HND *views* (a transpose, never a copy); kernels take the strides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LAYOUTS = ("HND", "NHD")
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes of one attention call, layout-independent."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+    layout: str
+
+    @property
+    def gqa_group(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads_q // self.heads_kv
+
+
+def check_layout(tensor_layout: object) -> str:
+    if not isinstance(tensor_layout, str) or tensor_layout.upper() not in LAYOUTS:
+        raise ValueError(f"tensor_layout must be 'HND' or 'NHD'; got {tensor_layout!r}")
+    return tensor_layout.upper()
+
+
+def check_qkv(q: object, k: object, v: object, tensor_layout: object) -> Problem:
+    """Validate Q, K, V; `TypeError`/`ValueError` naming the argument at fault."""
+    layout = check_layout(tensor_layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            shape = "[batch, heads, tokens, head_dim]" if layout == "HND" else "[batch, tokens, heads, head_dim]"
+            raise ValueError(f"{name} must be 4-D {shape} for tensor_layout={layout!r}; got shape {tuple(t.shape)}")
+        if t.dtype not in INPUT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device; got {q.device}, {k.device}, {v.device}")
+
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    b, hq, nq, d = qh.shape
+    if kh.shape[0] != b or vh.shape[0] != b:
+        raise ValueError(f"q, k and v must have the same batch size; got {b}, {kh.shape[0]}, {vh.shape[0]}")
+    if kh.shape[3] != d:
+        raise ValueError(f"k must have q's head_dim {d}; got {kh.shape[3]}")
+    if vh.shape[3] != d:
+        raise ValueError(f"v must have q's head_dim {d}; got {vh.shape[3]}")
+    if vh.shape[1] != kh.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads; got {kh.shape[1]} and {vh.shape[1]}")
+    if vh.shape[2] != kh.shape[2]:
+        raise ValueError(f"k and v must have the same number of tokens; got {kh.shape[2]} and {vh.shape[2]}")
+    hkv = kh.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"q's heads ({hq}) must be a multiple of k's and v's heads ({hkv}) for grouped-query attention"
+        )
+    if d == 0:
+        raise ValueError("head_dim must be at least 1")
+    return Problem(b, hq, hkv, nq, kh.shape[2], d, layout)
+
+
+def check_mask(attn_mask: object, problem: Problem, is_causal: bool, device: torch.device) -> None:
+    """A mask must broadcast to [batch, heads_q, seq_q, seq_kv] (whatever the layout), as in PyTorch SDPA."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None; got {type(attn_mask).__name__}")
+    if is_causal:
+        raise ValueError("attn_mask and is_causal=True cannot be combined; fold the causal mask into attn_mask")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"attn_mask must be bool or floating point; got {attn_mask.dtype}")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask must be on q's device {device}; got {attn_mask.device}")
+    full = (problem.batch, problem.heads_q, problem.seq_q, problem.seq_kv)
+    shape = tuple(attn_mask.shape)
+    ok = 2 <= len(shape) <= 4 and all(s in (1, f) for s, f in zip(reversed(shape), reversed(full), strict=False))
+    if not ok:
+        raise ValueError(
+            f"attn_mask must broadcast to [batch, heads, seq_q, seq_kv] = {list(full)}; got shape {list(shape)}"
+        )
+
+
+def check_sm_scale(sm_scale: object, head_dim: int) -> float:
+    if sm_scale is None:
+        return head_dim**-0.5
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale must be a float or None; got {type(sm_scale).__name__}")
+    if not float(sm_scale) > 0 or sm_scale == float("inf"):
+        raise ValueError(f"sm_scale must be a positive finite number; got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """A [B, H, N, D] view of `x`."""
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def from_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """`x` [B, H, N, D] as the caller's layout (a view)."""
+    return x if layout == "HND" else x.transpose(1, 2)
+
+
+def causal_visible(rows: torch.Tensor, cols: torch.Tensor, seq_q: int, seq_kv: int) -> torch.Tensor:
+    """Bottom-right aligned causal visibility: query i sees key j iff j ≤ i + (seq_kv − seq_q)."""
+    return cols[None, :] <= rows[:, None] + (seq_kv - seq_q)

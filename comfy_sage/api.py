@@ -1,0 +1,63 @@
+"""`sageattn`: the public entry point, a drop-in for `torch.nn.functional.scaled_dot_product_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, fallback
+from ._inputs import check_layout, check_mask, check_qkv, check_sm_scale, from_hnd, to_hnd
+from ._log import log_once
+from .modes import Mode
+
+
+def sageattn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tensor_layout: str = "HND",
+    is_causal: bool = False,
+    sm_scale: float | None = None,
+    mode: Mode | str = "auto",
+    attn_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention with SageAttention2's low-bit kernels where the GPU runs them, PyTorch attention elsewhere.
+
+    q: [B, H_q, N_q, D] (tensor_layout "HND") or [B, N_q, H_q, D] ("NHD"); k, v: the same with H_kv heads
+    and N_kv tokens. H_q must be a multiple of H_kv (grouped-query attention). float16, bfloat16 or float32
+    (float32 is computed in bfloat16 and returned in float32).
+    is_causal: causal mask aligned bottom-right when N_q ≠ N_kv; rows that see no key give 0.
+    sm_scale: softmax scale, default 1/sqrt(D).
+    mode: "auto" (the fastest accurate mode for this GPU), "int8_fp8", "int4_fp8", "int8_fp16",
+        "int4_fp16", or "sdpa" (PyTorch attention); a `Mode` works too.
+    attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]; runs PyTorch attention.
+    return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
+
+    A call no kernel can run (no CUDA GPU, an older GPU, a mask, a head dim outside 32..256, kernels not
+    installed) runs PyTorch attention and logs the reason once to the "comfy_sage" logger.
+    """
+    mode = Mode.parse(mode)
+    layout = check_layout(tensor_layout)
+    problem = check_qkv(q, k, v, layout)
+    check_mask(attn_mask, problem, is_causal, q.device)
+    scale = check_sm_scale(sm_scale, problem.head_dim)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
+
+    plan = dispatch.plan(mode, q.device, problem.head_dim, q.dtype, attn_mask is not None)
+    if plan.reason:
+        log_once(plan.reason)
+    if plan.note:
+        log_once(plan.note)
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    if plan.fallback:
+        out, lse = fallback.attention(
+            qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
+        )
+    else:  # pragma: no cover - needs the compiled kernels and a GPU
+        from . import ops
+
+        out, lse = ops.attention(qh, kh, vh, plan, is_causal=is_causal, scale=scale, return_lse=return_lse)
+    out = from_hnd(out, layout)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,54 @@
+"""What this machine can run: the GPU, its compute capability, and whether the compiled kernels loaded.
+
+Importing the compiled extension is attempted once, lazily; the reason it failed is kept for `doctor`
+and for the fallback's log line. Nothing here needs a GPU, a CUDA toolkit or the extension.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+EXTENSION = "comfy_sage._C"
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    loaded: bool
+    reason: str | None  # why not, when not loaded
+    archs: tuple[str, ...] = ()  # the GPU architectures the extension was compiled for
+
+
+@functools.cache
+def kernel_status() -> KernelStatus:
+    """Load the compiled extension once; never raises."""
+    try:
+        module = importlib.import_module(EXTENSION)
+    except ImportError as exc:
+        if getattr(exc, "name", None) == EXTENSION:
+            return KernelStatus(False, "this install has no compiled kernels (pure-Python package)")
+        return KernelStatus(False, f"the compiled kernels failed to load: {exc}")
+    except OSError as exc:  # a shared library the extension needs is missing
+        return KernelStatus(False, f"the compiled kernels failed to load: {exc}")
+    archs = tuple(getattr(module, "ARCHS", ()))
+    return KernelStatus(True, None, archs)
+
+
+@functools.cache
+def compute_capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device; None for any other device."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return compute_capability(index)
+
+
+def sm_name(cc: tuple[int, int]) -> str:
+    return f"sm_{cc[0]}{cc[1]}"

@@ -1,0 +1,145 @@
+"""Which implementation runs a call: a table from (GPU, mode, head dim, dtype, mask) to a kernel or the fallback.
+
+`plan` answers once per distinct key (it is cached) and never touches tensor data, so dispatching costs a
+dictionary lookup per call. A plan whose `kernel` is None runs PyTorch's FP16/BF16 attention; its
+`reason` says why, and the API logs each distinct reason once.
+
+Native support follows the SASS nvcc emits for each architecture (ALGORITHM.md):
+- FP8 tensor cores exist from sm_89 on; below that an FP8 P·V request runs in FP16.
+- INT4 tensor cores exist on sm_80..sm_89 only; elsewhere they are emulated (53 TOPS on an H100 against
+  1,246 for INT8), so an INT4 request runs the INT8 kernel there.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import capability
+from .modes import Mode
+from .tiling import SM80, SM90, Tiling
+
+MIN_CC = (8, 0)  # Ampere: the first INT8 mma.sync with the m16n8k32 shape
+FP8_MIN_CC = (8, 9)  # Ada: the first FP8 tensor cores
+INT4_CCS = frozenset({(8, 0), (8, 6), (8, 7), (8, 9)})  # native INT4 tensor cores
+NATIVE_HEAD_DIMS = (64, 128)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256  # others in this range are zero-padded to a native one
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled kernel family and the tiling the reference must use to check it."""
+
+    family: str  # "sm80": mma.sync (Ampere, Ada, Blackwell); "sm90": wgmma (Hopper)
+    mode: Mode
+    tiling: Tiling
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}_{self.mode.value}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What runs one call. `kernel` None means the PyTorch fallback; `reason` says why.
+
+    `note` is set when the kernel runs a different mode than asked (e.g. INT4 on Hopper runs INT8).
+    """
+
+    requested: Mode
+    mode: Mode
+    kernel: KernelSpec | None
+    reason: str | None = None
+    note: str | None = None
+
+    @property
+    def fallback(self) -> bool:
+        return self.kernel is None
+
+
+def auto_mode(cc: tuple[int, int] | None) -> Mode:
+    """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality), FP8 P·V where FP8 exists."""
+    if cc is None or cc < MIN_CC:
+        return Mode.SDPA
+    return Mode.INT8_FP8 if cc >= FP8_MIN_CC else Mode.INT8_FP16
+
+
+def native_mode(mode: Mode, cc: tuple[int, int]) -> tuple[Mode, str | None]:
+    """The mode that runs natively for a quantized `mode` on `cc`, and a note when it differs."""
+    sm = capability.sm_name(cc)
+    notes = []
+    if mode.qk_bits == 4 and cc not in INT4_CCS:
+        mode = mode.with_qk_bits(8)
+        notes.append(f"INT4 tensor cores are emulated on {sm}, so INT8 Q·Kᵀ runs instead")
+    if mode.pv_fp8 and cc < FP8_MIN_CC:
+        mode = mode.with_pv_fp8(False)
+        notes.append(f"{sm} has no FP8 tensor cores, so P·V runs in FP16")
+    return mode, "; ".join(notes) or None
+
+
+def kernel_family(cc: tuple[int, int]) -> str:
+    return "sm90" if cc == (9, 0) and HOPPER_KERNEL else "sm80"
+
+
+# The wgmma kernel is a later milestone: until it lands, Hopper runs the mma.sync family.
+HOPPER_KERNEL = False
+_TILINGS = {"sm80": SM80, "sm90": SM90}
+
+
+def plan(
+    mode: Mode,
+    device: torch.device,
+    head_dim: int,
+    dtype: torch.dtype,
+    has_mask: bool,
+) -> Plan:
+    """The plan for one call's static properties (cached; never reads tensor data)."""
+    cc = capability.device_capability(device)
+    return _plan(mode, device.type, cc, head_dim, dtype, has_mask)
+
+
+@functools.cache
+def _plan(
+    mode: Mode,
+    device_type: str,
+    cc: tuple[int, int] | None,
+    head_dim: int,
+    dtype: torch.dtype,
+    has_mask: bool,
+) -> Plan:
+    requested = mode
+    if mode is Mode.SDPA:
+        return Plan(requested, Mode.SDPA, None)
+    if mode is Mode.AUTO:
+        mode = auto_mode(cc)
+        if mode is Mode.SDPA:
+            why = "no CUDA device" if cc is None else f"{capability.sm_name(cc)} is older than sm_80"
+            return Plan(requested, Mode.SDPA, None, f"mode 'auto' uses PyTorch attention: {why}")
+
+    def fallback(why: str) -> Plan:
+        return Plan(requested, Mode.SDPA, None, f"{mode.value} falls back to PyTorch attention: {why}")
+
+    if device_type != "cuda":
+        return fallback(f"the inputs are on {device_type}, the kernels need a CUDA GPU")
+    if cc < MIN_CC:
+        return fallback(f"{capability.sm_name(cc)} is older than sm_80 (Ampere), the oldest GPU the kernels support")
+    if has_mask:
+        return fallback("attn_mask is not supported by the kernels")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        return fallback(f"head_dim {head_dim} is outside the kernels' range {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    if dtype not in KERNEL_DTYPES and dtype != torch.float32:
+        return fallback(f"dtype {dtype} is not supported by the kernels")
+    status = capability.kernel_status()
+    if not status.loaded:
+        return fallback(status.reason)
+    mode, note = native_mode(mode, cc)
+    family = kernel_family(cc)
+    return Plan(requested, mode, KernelSpec(family, mode, _TILINGS[family]), None, note)
+
+
+def clear_cache() -> None:
+    """Forget cached plans (after the extension or the device set changes; for tests)."""
+    _plan.cache_clear()

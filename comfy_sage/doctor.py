@@ -1,0 +1,67 @@
+"""What this machine gets: GPU, versions, kernel status, and the mode each head dim runs."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__, capability, dispatch
+from .modes import QUANTIZED_MODES, Mode
+
+REPORTED_HEAD_DIMS = (40, 64, 80, 128, 160, 256)  # SD1.5, SDXL/SD3, SD1.5, Flux/Wan, SD1.5, others
+
+
+def summary(device: torch.device | str | None = None) -> dict:
+    """A JSON-ready description of what runs here (on `device`, default the current CUDA device)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    status = capability.kernel_status()
+    cc = capability.device_capability(device)
+    info = {
+        "comfy_sage": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cc else None,
+        "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
+        "kernels_loaded": status.loaded,
+        "kernels_reason": status.reason,
+        "kernel_archs": list(status.archs),
+    }
+    modes = {}
+    for mode in QUANTIZED_MODES:
+        if cc is None or cc < dispatch.MIN_CC:
+            modes[mode.value] = "no (needs a CUDA GPU of sm_80 or newer)"
+            continue
+        native, note = dispatch.native_mode(mode, cc)
+        modes[mode.value] = "native" if native is mode else f"runs as {native.value} ({note})"
+    info["modes"] = modes
+    auto = {}
+    for head_dim in REPORTED_HEAD_DIMS:
+        plan = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False)
+        auto[str(head_dim)] = plan.mode.value if not plan.fallback else f"sdpa ({plan.reason})"
+    info["auto"] = auto
+    return info
+
+
+def render(info: dict) -> str:
+    lines = [
+        f"comfy_sage {info['comfy_sage']}  python {info['python']}  torch {info['torch']}"
+        f"  (CUDA {info['torch_cuda'] or 'none: CPU build'})",
+        f"device: {info['device']}"
+        + (f"  {info['gpu']}  compute capability {info['compute_capability']}" if info["gpu"] else "  (no CUDA GPU)"),
+        "kernels: "
+        + (
+            "loaded, built for " + (", ".join(info["kernel_archs"]) or "?")
+            if info["kernels_loaded"]
+            else "not loaded: " + info["kernels_reason"]
+        ),
+        "modes on this GPU:",
+    ]
+    lines += [f"  {mode:<10} {what}" for mode, what in info["modes"].items()]
+    lines.append("mode 'auto' picks, by head dim (bf16, no mask):")
+    lines += [f"  D={head_dim:<4} {what}" for head_dim, what in info["auto"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""Tile shapes that decide how the kernels quantize, shared by the kernels' launchers and the reference.
+
+Quantization groups follow the tensor-core accumulator layout, so the reference must be configured with
+the same tile shape as the kernel it checks. The two kernel families tile differently (mma.sync on
+Ampere/Ada/consumer Blackwell, wgmma on Hopper): one `Tiling` each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Rows of an m16n8 (mma.sync) or m64nN (wgmma, per warp) accumulator that one lane holds differ by 8;
+# columns come in pairs. See `comfy_sage.reference.layout`.
+ROW_GROUPS = 8
+COL_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """One kernel family's tile shape.
+
+    block_q: Q rows per thread block; the unit of Q smoothing (one mean, one ΔS row per block).
+    warp_q:  Q rows per warp; within it, rows with equal index mod 8 share one Q scale.
+    block_k: keys per K block; the unit of K scales (4 per block), of the online-softmax step and of the
+             two-level P·V accumulation (a fresh accumulator per block, added into fp32).
+    pv_k:    keys per P·V tensor-core instruction; an emulated FP22 accumulator rounds after each.
+    """
+
+    block_q: int
+    warp_q: int
+    block_k: int
+    pv_k: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("block_q", "warp_q", "block_k", "pv_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value % ROW_GROUPS:
+                raise ValueError(f"Tiling.{name} must be a positive multiple of {ROW_GROUPS}; got {value!r}")
+        if self.block_q % self.warp_q:
+            raise ValueError(f"Tiling.block_q ({self.block_q}) must be a multiple of warp_q ({self.warp_q})")
+        if self.block_k % self.pv_k:
+            raise ValueError(f"Tiling.block_k ({self.block_k}) must be a multiple of pv_k ({self.pv_k})")
+
+
+# mma.sync family: 4 warps of 32 Q rows (two m16 tiles each, so K and V fragments read from shared memory
+# serve 32 rows), 64 keys per step.
+SM80 = Tiling(block_q=128, warp_q=32, block_k=64)
+# wgmma family: warpgroups of 4 warps × 16 rows, 128 keys per step.
+SM90 = Tiling(block_q=128, warp_q=16, block_k=128)
