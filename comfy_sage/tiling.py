@@ -42,8 +42,7 @@ class Tiling:
             raise ValueError(f"Tiling.block_k ({self.block_k}) must be a multiple of pv_k ({self.pv_k})")
 
 
-# mma.sync family: 4 warps of 32 Q rows (two m16 tiles each, so K and V fragments read from shared memory
-# serve 32 rows), 64 keys per step.
-SM80 = Tiling(block_q=128, warp_q=32, block_k=64)
+# mma.sync family (csrc/attention/params.h kSm80*): 8 warps of 16 Q rows, 64 keys per step.
+SM80 = Tiling(block_q=128, warp_q=16, block_k=64)
 # wgmma family: warpgroups of 4 warps × 16 rows, 128 keys per step.
 SM90 = Tiling(block_q=128, warp_q=16, block_k=128)
