@@ -1,4 +1,4 @@
-"""Command line: `python -m comfy_sage {doctor,demo,accuracy}`."""
+"""Command line: `python -m comfy_sage {doctor,demo,accuracy,bench}`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 import time
 
 import torch
+
+from .modes import Mode
 
 
 def _device(name: str | None) -> torch.device:
@@ -28,7 +30,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """doctor, then one attention call through the public API, checked against float64."""
     from . import dispatch, doctor, reference, sageattn
-    from .modes import Mode
     from .testing import make_qkv
 
     device = _device(args.device)
@@ -86,6 +87,13 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    bench.run(args.modes.split(","), warmup=args.warmup, repeat=args.repeat, json_path=args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy_sage")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("demo", help="doctor, then one call through the API checked against float64")
     p.add_argument("--device")
-    p.add_argument("--mode", default="auto")
+    p.add_argument("--mode", default="auto", type=str.lower, choices=[m.value for m in Mode])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
@@ -113,7 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_accuracy)
 
+    p = sub.add_parser("bench", help="TOPS per shape for every implementation found (needs a GPU)")
+    p.add_argument("--modes", default="int8_fp8,int8_fp16", help="comma-separated comfy_sage modes")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.set_defaults(func=cmd_bench)
+
     args = parser.parse_args(argv)
+    if getattr(args, "device", None):
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            parser.error(f"--device {args.device!r}: {exc}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU on this machine")
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(levelname)s: %(message)s")
     return args.func(args)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, fallback
+from . import dispatch, fallback, ops
 from ._inputs import check_layout, check_mask, check_qkv, check_sm_scale, from_hnd, to_hnd
 from ._log import log_once
 from .modes import Mode
@@ -40,24 +40,24 @@ def sageattn(
     mode = Mode.parse(mode)
     layout = check_layout(tensor_layout)
     problem = check_qkv(q, k, v, layout)
+    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
     check_mask(attn_mask, problem, is_causal, q.device)
     scale = check_sm_scale(sm_scale, problem.head_dim)
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool; got {type(is_causal).__name__}")
 
     plan = dispatch.plan(mode, q.device, problem.head_dim, q.dtype, attn_mask is not None)
     if plan.reason:
         log_once(plan.reason)
     if plan.note:
         log_once(plan.note)
-    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
     if plan.fallback:
+        qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
         out, lse = fallback.attention(
             qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
         )
-    else:  # pragma: no cover - needs the compiled kernels and a GPU
-        from . import ops
-
-        out, lse = ops.attention(qh, kh, vh, plan, is_causal=is_causal, scale=scale, return_lse=return_lse)
-    out = from_hnd(out, layout)
+        # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
+        out = from_hnd(out, layout).contiguous()
+    else:
+        out, lse = ops.attention(q, k, v, layout, plan, is_causal=is_causal, scale=scale, return_lse=return_lse)
     return (out, lse) if return_lse else out

@@ -28,13 +28,19 @@ def kernel_status() -> KernelStatus:
     try:
         module = importlib.import_module(EXTENSION)
     except ImportError as exc:
-        if getattr(exc, "name", None) == EXTENSION:
+        # Only "not found" means a pure-Python install; a found extension that fails to load (its ImportError
+        # may carry the same name on some Pythons) must keep its reason.
+        if isinstance(exc, ModuleNotFoundError) and exc.name == EXTENSION:
             return KernelStatus(False, "this install has no compiled kernels (pure-Python package)")
         return KernelStatus(False, f"the compiled kernels failed to load: {exc}")
-    except OSError as exc:  # a shared library the extension needs is missing
-        return KernelStatus(False, f"the compiled kernels failed to load: {exc}")
-    archs = tuple(getattr(module, "ARCHS", ()))
-    return KernelStatus(True, None, archs)
+    except Exception as exc:  # an initializer that throws (op registration, a CUDA runtime mismatch, ...)
+        return KernelStatus(False, f"the compiled kernels failed to load: {type(exc).__name__}: {exc}")
+    if not hasattr(torch.ops.comfy_sage, "attention"):
+        return KernelStatus(False, f"the compiled kernels loaded from {module.__file__} but registered no ops")
+    from . import ops
+
+    ops.register_fakes()
+    return KernelStatus(True, None, tuple(getattr(module, "ARCHS", ())))
 
 
 @functools.cache

@@ -25,7 +25,11 @@ MIN_CC = (8, 0)  # Ampere: the first INT8 mma.sync with the m16n8k32 shape
 FP8_MIN_CC = (8, 9)  # Ada: the first FP8 tensor cores
 INT4_CCS = frozenset({(8, 0), (8, 6), (8, 7), (8, 9)})  # native INT4 tensor cores
 NATIVE_HEAD_DIMS = (64, 128)
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256  # others in this range are zero-padded to a native one
+# Others in this range are zero-padded to a native one inside the quantization. 129..256 needs a
+# head-dim-256 kernel (a later milestone) and falls back until then; so do head dims not a multiple of 8.
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
+HEAD_DIM_MULTIPLE = 8
+KERNEL_QK_BITS = (8,)  # INT4 kernels are a later milestone: INT4 requests run INT8 meanwhile
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -128,14 +132,20 @@ def _plan(
         return fallback(f"{capability.sm_name(cc)} is older than sm_80 (Ampere), the oldest GPU the kernels support")
     if has_mask:
         return fallback("attn_mask is not supported by the kernels")
-    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
-        return fallback(f"head_dim {head_dim} is outside the kernels' range {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
+        return fallback(
+            f"head_dim {head_dim} is not supported by the kernels "
+            f"(multiples of {HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
+        )
     if dtype not in KERNEL_DTYPES and dtype != torch.float32:
         return fallback(f"dtype {dtype} is not supported by the kernels")
     status = capability.kernel_status()
     if not status.loaded:
         return fallback(status.reason)
     mode, note = native_mode(mode, cc)
+    if mode.qk_bits not in KERNEL_QK_BITS:
+        mode = mode.with_qk_bits(8)
+        note = "; ".join(filter(None, [note, "the INT4 kernels are not built yet, so INT8 Q·Kᵀ runs instead"]))
     family = kernel_family(cc)
     return Plan(requested, mode, KernelSpec(family, mode, _TILINGS[family]), None, note)
 

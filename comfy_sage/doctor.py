@@ -33,11 +33,11 @@ def summary(device: torch.device | str | None = None) -> dict:
     }
     modes = {}
     for mode in QUANTIZED_MODES:
-        if cc is None or cc < dispatch.MIN_CC:
-            modes[mode.value] = "no (needs a CUDA GPU of sm_80 or newer)"
-            continue
-        native, note = dispatch.native_mode(mode, cc)
-        modes[mode.value] = "native" if native is mode else f"runs as {native.value} ({note})"
+        plan = dispatch.plan(mode, device, 128, torch.bfloat16, False)
+        if plan.fallback:
+            modes[mode.value] = f"sdpa ({plan.reason})"
+        else:
+            modes[mode.value] = "native" if plan.mode is mode else f"runs as {plan.mode.value} ({plan.note})"
     info["modes"] = modes
     auto = {}
     for head_dim in REPORTED_HEAD_DIMS:

@@ -1,0 +1,101 @@
+"""`python -m comfy_sage bench`: TOPS per shape for every implementation found, as a table and JSON.
+
+Times what a user pays: one call on bf16 inputs, the implementation's own quantization included. CUDA
+events around each call, median of `repeat` calls after `warmup`. TOPS = 4·B·H·N²·D / time, halved
+when causal. Shapes are those of ../shared/design/ANCHORS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# (B, H, N, D, causal, what it is)
+SHAPES = (
+    (1, 24, 4608, 128, False, "Flux 1024²"),
+    (1, 24, 16896, 128, False, "Flux 2048²"),
+    (1, 12, 32760, 128, False, "Wan 1.3B 480p"),
+    (1, 40, 75600, 128, False, "Wan 14B 720p"),
+    (2, 10, 4096, 64, False, "SDXL 1024²"),
+    (1, 24, 16384, 64, False, "D=64 long"),
+    (2, 24, 4096, 128, False, "generic"),
+    (1, 24, 16384, 128, False, "B1 H24 N16k"),
+    (1, 24, 16384, 128, True, "LLM prefill (causal)"),
+)
+
+
+def implementations(modes: list[str]) -> dict[str, Callable]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import comfy_sage
+
+    impls: dict[str, Callable] = {}
+    for mode in modes:
+        impls[f"comfy_sage {mode}"] = lambda q, k, v, c, m=mode: comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+
+    def sdpa(backend):
+        def run(q, k, v, c):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+
+        return run
+
+    impls["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    impls["SDPA flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+    try:  # the released SageAttention, when installed
+        import sageattention
+
+        impls["sageattention"] = lambda q, k, v, c: sageattention.sageattn(q, k, v, is_causal=c)
+    except ImportError:
+        pass
+    return impls
+
+
+def time_call(fn: Callable, args: tuple, warmup: int, repeat: int) -> float:
+    """Median seconds of one call `fn(*args)`."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def run(modes: list[str], shapes=SHAPES, warmup: int = 5, repeat: int = 20, json_path: str | None = None) -> list:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench needs a CUDA GPU")
+    impls = implementations(modes)
+    results = []
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}")
+    header = f"{'shape':<34}" + "".join(f"{name:>22}" for name in impls)
+    print(header)
+    for b, h, n, d, causal, what in shapes:
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        flops = 4 * b * h * n * n * d / (2 if causal else 1)
+        row = {"shape": [b, h, n, d], "causal": causal, "what": what, "tops": {}}
+        for name, fn in impls.items():
+            try:
+                seconds = time_call(fn, (q, k, v, causal), warmup, repeat)
+                row["tops"][name] = flops / seconds / 1e12
+            except Exception as exc:  # an implementation that cannot run this shape: recorded, not fatal
+                row["tops"][name] = None
+                row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        results.append(row)
+        label = f"B{b} H{h} N{n} D{d}{' causal' if causal else ''}"
+        cells = "".join(f"{(f'{t:.0f}' if t else '—'):>22}" for t in row["tops"].values())
+        print(f"{label:<34}{cells}", flush=True)
+        del q, k, v
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"gpu": gpu, "torch": torch.__version__, "results": results}, f, indent=2)
+    return results

@@ -1,0 +1,62 @@
+"""The compiled ops (`torch.ops.comfy_sage.*`): their fake kernels and the Python side of a kernel call.
+
+`comfy_sage::attention(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse) -> (out, lse)`
+takes Q, K, V in the caller's layout (layout 0 = HND, 1 = NHD), float16 or bfloat16, contiguous in
+head_dim with 16-byte aligned rows, and returns O in the same layout and dtype, and the LSE
+[B, H_q, N_q] float32 (an empty tensor when `return_lse` is False). It quantizes and attends on the
+current CUDA stream and never synchronizes. The fake kernel below gives torch.compile the output metadata,
+so `torch.compile(fullgraph=True)` traces through it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import Plan
+
+LAYOUT_CODES = {"HND": 0, "NHD": 1}
+_ALIGN_ELEMENTS = 8  # 16 bytes of fp16/bf16
+
+
+_registered = False
+
+
+def register_fakes() -> None:
+    """Register the fake kernels once, after the extension has loaded."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake("comfy_sage::attention")
+    def _attention_fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse):
+        b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if layout == 0 else (q.shape[0], q.shape[2], q.shape[1])
+        lse_shape = (b, h, n) if return_lse else (0,)
+        return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    ok = x.stride(-1) == 1 and all(s % _ALIGN_ELEMENTS == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
+    return x if ok else x.contiguous()
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: str,
+    plan: Plan,
+    *,
+    is_causal: bool,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run `plan`'s kernel on caller-layout inputs; float32 inputs are computed in bfloat16."""
+    out_dtype = q.dtype
+    if out_dtype == torch.float32:
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    q, k, v = (_aligned(t) for t in (q, k, v))
+    out, lse = torch.ops.comfy_sage.attention(
+        q, k, v, LAYOUT_CODES[layout], plan.mode.qk_bits, plan.mode.pv_fp8, is_causal, scale, return_lse
+    )
+    return out.to(out_dtype), (lse if return_lse else None)

@@ -1,0 +1,13 @@
+// Entry points of the attention kernels, one per architecture family. Each enqueues the fused
+// quantization and the attention kernel on `stream` and returns the first launch error.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace comfy_sage {
+
+cudaError_t run_sm80_attention(const AttentionArgs& args, cudaStream_t stream);
+
+}  // namespace comfy_sage

@@ -1,0 +1,54 @@
+// The argument structs that cross from the binding (the only file that knows torch) to the kernels.
+// Plain data: pointers, sizes, strides in elements.
+#pragma once
+
+#include <cstdint>
+
+namespace comfy_sage {
+
+// The mma.sync family's tile (comfy_sage/tiling.py SM80 mirrors it): 8 warps of 16 Q rows, 64 keys a step.
+constexpr int kSm80BlockQ = 128;
+constexpr int kSm80WarpQ = 16;
+constexpr int kSm80BlockK = 64;
+
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// The caller's Q, K, V and output: [batch, heads, tokens, head_dim] addressed through strides, so the
+// HND and NHD layouts are the same code. The head_dim stride is 1.
+struct TensorView {
+  void* ptr;
+  int64_t batch_stride, head_stride, token_stride;
+};
+
+// Sizes of one call. `head_dim` is the caller's; `padded_dim` the kernel's (64 or 128).
+struct Shape {
+  int batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, padded_dim;
+  int padded_q, padded_kv;  // seq_q, seq_kv rounded up to the CTA's Q and K blocks
+};
+
+// Buffers written by the fused quantization and read by the attention kernel (all contiguous).
+struct QuantBuffers {
+  int8_t* q;        // [B, Hq, padded_q, padded_dim]  (INT8; INT4 packs two per byte, half the width)
+  float* q_scale;   // [B, Hq, padded_q / warp_q, 8]  (sm_scale·log2 e folded in)
+  int8_t* k;        // [B, Hkv, padded_kv, padded_dim]
+  float* k_scale;   // [B, Hkv, padded_kv / block_k, 4]
+  float* k_sum;     // [B, Hkv, padded_dim]  (Σ over tokens; the mean is k_sum / seq_kv)
+  void* v;          // FP8: [B, Hkv, padded_dim, padded_kv] e4m3, tokens permuted in groups of 16;
+                    // FP16: [B, Hkv, padded_kv, padded_dim] half
+  float* v_amax;    // [B, Hkv, padded_dim]  (FP8 only; float bits reduced with atomicMax)
+  float* q_dot_kmean;  // [B, Hq, seq_q] q·k̄ for the LSE, or null
+};
+
+struct AttentionArgs {
+  TensorView q, k, v, out;
+  DType dtype;
+  Shape shape;
+  QuantBuffers buf;
+  float* lse;  // [B, Hq, seq_q] or null
+  float sm_scale;
+  bool causal;
+  int qk_bits;  // 8 (4 is a later milestone)
+  bool pv_fp8;
+};
+
+}  // namespace comfy_sage

@@ -1,0 +1,70 @@
+// Online softmax in base 2 over the rows a lane holds in an m16n8 accumulator.
+//
+// A warp owns 16 query rows; lane (g = lane/4, t = lane%4) holds rows g and g+8 ("halves" 0 and 1) and,
+// of every 8-key n-tile, keys 2t and 2t+1. A row's statistics are reduced across the 4 lanes of a quad.
+// Rows that have seen no visible key keep m = -inf and use 0 as their reference, so every exp2 is of
+// -inf (giving 0) and nothing becomes NaN; such rows end with l = 0 and are written as 0.
+#pragma once
+
+
+#include "../common/constants.cuh"
+#include "../common/ptx.cuh"
+
+namespace comfy_sage {
+
+template <int kTiles>
+struct OnlineSoftmax {
+  float m[2] = {-kInf, -kInf};  // running row max (log2 domain)
+  float l[2] = {0.f, 0.f};                      // running row sum of P̃, this lane's keys only
+
+  // Turns the scores `s` of one K block into P̃ in place, rescales `o` by exp2(m_old − m_new), adds the
+  // block's row sums. `offset` is added to every exponent (log2(448) for FP8 P, 0 for FP16 P).
+  template <int kOTiles>
+  __device__ __forceinline__ void step(float (&s)[kTiles][4], float (&o)[kOTiles][4], float offset) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float mx = -kInf;
+#pragma unroll
+      for (int n = 0; n < kTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[half], mx);
+      const float m_use = m_new == -kInf ? 0.f : m_new;
+      const float alpha = fast_exp2(m[half] - m_use);
+      const float base = m_use - offset;
+      float sum = 0.f;
+#pragma unroll
+      for (int n = 0; n < kTiles; ++n) {
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[n][e] = fast_exp2(s[n][e] - base);
+          sum += s[n][e];
+        }
+      }
+      l[half] = l[half] * alpha + sum;
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) {
+        o[n][2 * half] *= alpha;
+        o[n][2 * half + 1] *= alpha;
+      }
+      m[half] = m_new;
+    }
+  }
+
+  // The row sums over all 4 lanes of the quad (call once, after the last block).
+  __device__ __forceinline__ void reduce_sums() {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 1);
+      l[half] += __shfl_xor_sync(0xffffffffu, l[half], 2);
+    }
+  }
+
+  // Natural-log LSE of row `half`, given the exponent offset used in `step`; -inf where no key was seen.
+  __device__ __forceinline__ float lse(int half, float offset) const {
+    if (!(l[half] > 0.f)) return -kInf;
+    return (m[half] + log2f(l[half]) - offset) * kLn2;
+  }
+};
+
+}  // namespace comfy_sage

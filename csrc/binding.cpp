@@ -1,0 +1,140 @@
+// The only file that knows torch: registers the ops with the LibTorch stable ABI (torch >= 2.10), checks
+// arguments, allocates outputs and the quantization workspace, and launches on the current CUDA stream.
+// It never synchronizes. Fake (meta) kernels and the Python-side argument handling live in comfy_sage/ops.py.
+#include <Python.h>
+#include <cuda_runtime.h>
+
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+
+#include <array>
+#include <cstdint>
+#include <tuple>
+
+#include "attention/attention.h"
+#include "attention/params.h"
+
+namespace {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+using namespace comfy_sage;
+
+constexpr int64_t kLayoutHND = 0, kLayoutNHD = 1;
+constexpr int64_t kAlign = 256;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// [B, H, N, D] sizes and strides of a caller-layout tensor.
+struct Dims {
+  int64_t b, h, n, d, sb, sh, sn;
+};
+Dims dims_of(const Tensor& x, int64_t layout) {
+  const int hd = layout == kLayoutHND ? 1 : 2, nd = layout == kLayoutHND ? 2 : 1;
+  return {x.size(0), x.size(hd), x.size(nd), x.size(3), x.stride(0), x.stride(hd), x.stride(nd)};
+}
+
+void check_input(const Tensor& x, const char* name, ScalarType dtype, int64_t device) {
+  STD_TORCH_CHECK(x.dim() == 4, name, " must be 4-D");
+  STD_TORCH_CHECK(x.is_cuda() && x.get_device_index() == device, name, " must be on q's CUDA device");
+  STD_TORCH_CHECK(x.scalar_type() == dtype, name, " must have q's dtype (float16 or bfloat16)");
+  STD_TORCH_CHECK(x.stride(3) == 1, name, " must be contiguous in head_dim");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  for (int i = 0; i < 3; ++i) STD_TORCH_CHECK(x.stride(i) % 8 == 0, name, " strides must be multiples of 8");
+}
+
+std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, bool pv_fp8,
+                                     bool is_causal, double sm_scale, bool return_lse) {
+  STD_TORCH_CHECK(layout == kLayoutHND || layout == kLayoutNHD, "layout must be 0 (HND) or 1 (NHD)");
+  STD_TORCH_CHECK(qk_bits == 8, "qk_bits must be 8 (INT4 kernels are not built yet)");
+  const ScalarType dtype = q.scalar_type();
+  STD_TORCH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, "q must be float16 or bfloat16");
+  const int64_t device = q.get_device_index();
+  check_input(q, "q", dtype, device);
+  check_input(k, "k", dtype, device);
+  check_input(v, "v", dtype, device);
+  const Dims dq = dims_of(q, layout), dk = dims_of(k, layout), dv = dims_of(v, layout);
+  STD_TORCH_CHECK(dk.b == dq.b && dv.b == dq.b && dk.d == dq.d && dv.d == dq.d, "q, k, v sizes disagree");
+  STD_TORCH_CHECK(dk.h == dv.h && dk.n == dv.n && dk.h > 0 && dq.h % dk.h == 0, "k, v heads/tokens disagree");
+  STD_TORCH_CHECK(dq.d % 8 == 0 && dq.d <= 128, "head_dim must be a multiple of 8, at most 128");
+
+  torch::stable::accelerator::DeviceGuard guard(device);
+  void* stream_ptr = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_ptr) == AOTI_TORCH_SUCCESS,
+                  "could not get the current CUDA stream");
+
+  Shape s{};
+  s.batch = dq.b, s.heads_q = dq.h, s.heads_kv = dk.h, s.seq_q = dq.n, s.seq_kv = dk.n, s.head_dim = dq.d;
+  s.padded_dim = dq.d <= 64 ? 64 : 128;
+  s.padded_q = round_up(std::max<int64_t>(dq.n, 1), kSm80BlockQ);
+  s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), kSm80BlockK);
+
+  const std::array<int64_t, 4> out_sizes = layout == kLayoutHND ? std::array<int64_t, 4>{dq.b, dq.h, dq.n, dq.d}
+                                                                 : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
+  Tensor out = torch::stable::new_empty(q, {out_sizes.data(), 4});
+  Tensor lse = return_lse ? torch::stable::new_empty(q, {dq.b, dq.h, dq.n}, ScalarType::Float)
+                          : torch::stable::new_empty(q, {0}, ScalarType::Float);
+
+  // One workspace for every quantized buffer.
+  const int64_t bq = dq.b * dq.h, bkv = dk.b * dk.h;
+  const int64_t sizes[] = {
+      bq * s.padded_q * s.padded_dim,                                 // q int8
+      bq * (s.padded_q / kSm80WarpQ) * 8 * 4,                         // q_scale
+      bkv * s.padded_kv * s.padded_dim,                               // k int8
+      bkv * (s.padded_kv / kSm80BlockK) * 4 * 4,                      // k_scale
+      bkv * s.padded_dim * 4,                                         // k_sum
+      bkv * s.padded_kv * s.padded_dim * (pv_fp8 ? 1 : 2),            // v
+      bkv * s.padded_dim * 4,                                         // v_amax
+      return_lse ? bq * dq.n * 4 : 0,                                 // q·k̄
+  };
+  int64_t offsets[8], total = 0;
+  for (int i = 0; i < 8; ++i) offsets[i] = total, total += round_up(sizes[i], kAlign);
+  Tensor workspace = torch::stable::new_empty(q, {total}, ScalarType::Byte);
+  auto* base = static_cast<uint8_t*>(workspace.data_ptr());
+
+  AttentionArgs a{};
+  a.q = {q.data_ptr(), dq.sb, dq.sh, dq.sn};
+  a.k = {k.data_ptr(), dk.sb, dk.sh, dk.sn};
+  a.v = {v.data_ptr(), dv.sb, dv.sh, dv.sn};
+  const Dims dout = dims_of(out, layout);
+  a.out = {out.data_ptr(), dout.sb, dout.sh, dout.sn};
+  a.dtype = dtype == ScalarType::BFloat16 ? DType::kBFloat16 : DType::kFloat16;
+  a.shape = s;
+  a.buf.q = reinterpret_cast<int8_t*>(base + offsets[0]);
+  a.buf.q_scale = reinterpret_cast<float*>(base + offsets[1]);
+  a.buf.k = reinterpret_cast<int8_t*>(base + offsets[2]);
+  a.buf.k_scale = reinterpret_cast<float*>(base + offsets[3]);
+  a.buf.k_sum = reinterpret_cast<float*>(base + offsets[4]);
+  a.buf.v = base + offsets[5];
+  a.buf.v_amax = reinterpret_cast<float*>(base + offsets[6]);
+  a.buf.q_dot_kmean = return_lse ? reinterpret_cast<float*>(base + offsets[7]) : nullptr;
+  a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) : nullptr;
+  a.sm_scale = static_cast<float>(sm_scale);
+  a.causal = is_causal;
+  a.qk_bits = static_cast<int>(qk_bits);
+  a.pv_fp8 = pv_fp8;
+
+  const cudaError_t err = run_sm80_attention(a, static_cast<cudaStream_t>(stream_ptr));
+  STD_TORCH_CHECK(err == cudaSuccess, "comfy_sage attention launch failed: ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(comfy_sage, m) {
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, bool pv_fp8, bool is_causal, "
+      "float sm_scale, bool return_lse) -> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CUDA, m) { m.impl("attention", TORCH_BOX(&attention)); }
+
+// An importable, empty Python module (abi3: no pybind11); the ops live in torch.ops.comfy_sage.
+extern "C" {
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }
+}

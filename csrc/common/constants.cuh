@@ -1,0 +1,20 @@
+// Named constants shared by the quantization and attention kernels.
+#pragma once
+
+namespace comfy_sage {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kFp8Max = 448.0f;             // largest finite float8 e4m3fn
+constexpr float kLog2Fp8Max = 8.807354922057604f;  // log2(448): P̃ = exp2(S - m + this) lands in [0, 448]
+constexpr float kInt8Max = 127.0f;
+constexpr float kInt4Max = 7.0f;
+constexpr float kInf = __builtin_huge_valf();
+
+constexpr int kWarpSize = 32;
+// Rows of an m16n8 accumulator a lane holds differ by 8 (rows ≡ lane/4 mod 8 share one Q scale);
+// its columns come in pairs (tokens whose index mod 8 is in {2j, 2j+1} share one K scale).
+constexpr int kRowGroups = 8;
+constexpr int kColGroups = 4;
+
+}  // namespace comfy_sage

@@ -1,0 +1,51 @@
+// 16-byte vector loads of eight fp16/bf16 values as float, and element-type traits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace comfy_sage {
+
+template <typename T>
+struct Elem;
+template <>
+struct Elem<__half> {
+  static __device__ __forceinline__ float2 to_float2(uint32_t bits) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+  }
+  static __device__ __forceinline__ uint32_t from_float2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 to_float2(uint32_t bits) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+  }
+  static __device__ __forceinline__ uint32_t from_float2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// Eight consecutive elements at `src` (16-byte aligned) as floats.
+template <typename T>
+__device__ __forceinline__ void load8(float (&x)[8], const T* src) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = Elem<T>::to_float2(words[i]);
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
+  }
+}
+
+// atomicMax for non-negative floats: their bit patterns order like the values.
+__device__ __forceinline__ void atomic_max_nonneg(float* addr, float value) {
+  atomicMax(reinterpret_cast<int*>(addr), __float_as_int(value));
+}
+
+}  // namespace comfy_sage

@@ -1,0 +1,279 @@
+// Fused quantization of Q, K and V for the attention kernels: one read of each input.
+//
+//   1. kv_stats:  Σ_tokens K per channel (K smoothing's mean) and, for FP8 P·V, max_tokens |V| per channel.
+//   2. quant_kv:  per K block of kBlockK tokens: K' = K − k̄ to INT8 with one scale per token group
+//                 {t : (t mod 8) / 2 = j} (4 per block); V to FP8 e4m3 per channel, written transposed
+//                 (token index contiguous) with the tokens of each 16-group permuted (see fp8_v_position), or
+//                 V to FP16 row-major. Padded tokens and channels are written as zeros.
+//   3. quant_q:   per warp slice of kWarpQ rows: Q to INT8 with one scale per row group {r : r mod 8 = g},
+//                 sm_scale·log2(e) folded into the scale; optionally q·k̄ per row for the LSE.
+// Rounding matches comfy_sage/reference/quant.py: x_q = rint(x · (127 / amax)), scale = amax / 127.
+#include <cuda_runtime.h>
+
+#include "../attention/params.h"
+#include "../common/constants.cuh"
+#include "../common/ptx.cuh"
+#include "../common/vec.cuh"
+#include "quantize.h"
+
+namespace comfy_sage {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kStatsTokensPerCta = 256;
+
+__device__ __forceinline__ float inv_scale(float amax, float qmax) { return amax > 0.f ? qmax / amax : 0.f; }
+
+__device__ __forceinline__ int8_t to_int8(float x, float inv) {
+  const int q = __float2int_rn(x * inv);
+  return static_cast<int8_t>(max(-127, min(127, q)));
+}
+
+// Position of token j (0..15) inside its 16-token group in the FP8 V layout. The m16n8k32 A fragment of
+// lane (g, t) covers k = 4t..4t+3 (and 16 + that); the S accumulator it comes from holds keys 2t, 2t+1,
+// 8+2t, 9+2t of each 16. Storing token j at position fp8_v_position(j) makes those registers the A operand
+// as they are, with no shuffles.
+__device__ __forceinline__ int fp8_v_position(int j) {
+  return j < 8 ? 4 * (j >> 1) + (j & 1) : 4 * ((j - 8) >> 1) + 2 + (j & 1);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
+  const Shape& s = a.shape;
+  const int bh = blockIdx.y, b = bh / s.heads_kv, h = bh % s.heads_kv;
+  const int vecs = s.head_dim / 8;
+  const int tokens_per_iter = kThreads / vecs;
+  const int lane_token = threadIdx.x / vecs, cv = threadIdx.x % vecs;
+  __shared__ float k_sum[256], v_max[256];
+  for (int c = threadIdx.x; c < s.head_dim; c += kThreads) k_sum[c] = 0.f, v_max[c] = 0.f;
+  __syncthreads();
+  if (lane_token < tokens_per_iter) {
+    float ks[8] = {}, vm[8] = {};
+    const T* kp = static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride + cv * 8;
+    const T* vp = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride + cv * 8;
+    const int t0 = blockIdx.x * kStatsTokensPerCta;
+    const int t1 = min(s.seq_kv, t0 + kStatsTokensPerCta);
+    for (int t = t0 + lane_token; t < t1; t += tokens_per_iter) {
+      float x[8];
+      load8(x, kp + t * a.k.token_stride);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ks[i] += x[i];
+      if (a.pv_fp8) {
+        load8(x, vp + t * a.v.token_stride);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) vm[i] = fmaxf(vm[i], fabsf(x[i]));
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      atomicAdd(&k_sum[cv * 8 + i], ks[i]);
+      if (a.pv_fp8) atomic_max_nonneg(&v_max[cv * 8 + i], vm[i]);
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < s.head_dim; c += kThreads) {
+    atomicAdd(&a.buf.k_sum[bh * s.padded_dim + c], k_sum[c]);
+    if (a.pv_fp8) atomic_max_nonneg(&a.buf.v_amax[bh * s.padded_dim + c], v_max[c]);
+  }
+}
+
+template <typename T, int kDim, int kBlockK>
+__global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
+  constexpr int kVecs = kDim / 8;                               // 8-channel vectors per token
+  constexpr int kPerThread = kBlockK * kVecs / kThreads;        // vectors each thread quantizes
+  static_assert(kBlockK * kVecs % kThreads == 0, "tile must split evenly over the threads");
+  const Shape& s = a.shape;
+  const int bh = blockIdx.y, b = bh / s.heads_kv, h = bh % s.heads_kv;
+  const int t0 = blockIdx.x * kBlockK;
+  const float inv_n = 1.f / static_cast<float>(s.seq_kv);
+  const float* k_sum = a.buf.k_sum + bh * s.padded_dim;
+
+  __shared__ float group_amax[kColGroups];
+  __shared__ __align__(16) uint8_t v_tile[kDim][kBlockK];  // FP8 V, channel-major, tokens permuted
+  if (threadIdx.x < kColGroups) group_amax[threadIdx.x] = 0.f;
+  __syncthreads();
+
+  // K: load, smooth, and find each token group's amax.
+  float x[kPerThread][8];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
+    const int t = t0 + tok, c = cv * 8;
+    float m = 0.f;
+    if (t < s.seq_kv && c < s.head_dim) {
+      load8(x[i], static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride +
+                      static_cast<int64_t>(t) * a.k.token_stride + c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        x[i][e] -= k_sum[c + e] * inv_n;
+        m = fmaxf(m, fabsf(x[i][e]));
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[i][e] = 0.f;
+    }
+    atomic_max_nonneg(&group_amax[(tok % kRowGroups) / (kRowGroups / kColGroups)], m);
+  }
+  __syncthreads();
+  const int num_blocks = s.padded_kv / kBlockK;
+  if (threadIdx.x < kColGroups) {
+    a.buf.k_scale[(bh * num_blocks + blockIdx.x) * kColGroups + threadIdx.x] = group_amax[threadIdx.x] / kInt8Max;
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
+    const float inv = inv_scale(group_amax[(tok % kRowGroups) / (kRowGroups / kColGroups)], kInt8Max);
+    uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      packed[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(to_int8(x[i][e], inv))) << (8 * (e % 4));
+    }
+    *reinterpret_cast<uint2*>(a.buf.k + (static_cast<int64_t>(bh) * s.padded_kv + t0 + tok) * kDim + cv * 8) =
+        make_uint2(packed[0], packed[1]);
+  }
+
+  // V: FP8 per channel (transposed, permuted) or FP16 row-major.
+  const float* v_amax = a.buf.v_amax + bh * s.padded_dim;
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
+    const int t = t0 + tok, c = cv * 8;
+    float y[8] = {};
+    if (t < s.seq_kv && c < s.head_dim) {
+      load8(y, static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride +
+                   static_cast<int64_t>(t) * a.v.token_stride + c);
+    }
+    if (a.pv_fp8) {
+      const int pos = (tok & ~15) + fp8_v_position(tok & 15);
+#pragma unroll
+      for (int e = 0; e < 8; e += 2) {
+        const float i0 = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, kFp8Max);
+        const float i1 = inv_scale(c + e + 1 < s.head_dim ? v_amax[c + e + 1] : 0.f, kFp8Max);
+        const uint16_t two = pack_e4m3x2(y[e] * i0, y[e + 1] * i1);
+        v_tile[c + e][pos] = static_cast<uint8_t>(two & 0xff);
+        v_tile[c + e + 1][pos] = static_cast<uint8_t>(two >> 8);
+      }
+    } else {
+      uint4 out;
+      out.x = pack_half2(y[0], y[1]);
+      out.y = pack_half2(y[2], y[3]);
+      out.z = pack_half2(y[4], y[5]);
+      out.w = pack_half2(y[6], y[7]);
+      *reinterpret_cast<uint4*>(static_cast<__half*>(a.buf.v) +
+                                (static_cast<int64_t>(bh) * s.padded_kv + t0 + tok) * kDim + c) = out;
+    }
+  }
+  if (a.pv_fp8) {
+    __syncthreads();
+    constexpr int kChunks = kBlockK / 16;  // 16-byte chunks per channel row of the tile
+    for (int idx = threadIdx.x; idx < kDim * kChunks; idx += kThreads) {
+      const int c = idx / kChunks, chunk = idx % kChunks;
+      *reinterpret_cast<uint4*>(static_cast<uint8_t*>(a.buf.v) +
+                                (static_cast<int64_t>(bh) * kDim + c) * s.padded_kv + t0 + chunk * 16) =
+          *reinterpret_cast<const uint4*>(&v_tile[c][chunk * 16]);
+    }
+  }
+}
+
+template <typename T, int kDim, int kWarpQ>
+__global__ void __launch_bounds__(128) quant_q_kernel(AttentionArgs a) {
+  static_assert(kWarpQ == 16, "one lane quad per row pair: rows g and g+8 of a 16-row warp slice");
+  constexpr int kVecsPerLane = kDim / 8 / 4;  // the 4 lanes of a quad split a row's vectors
+  const Shape& s = a.shape;
+  const int bh = blockIdx.y, b = bh / s.heads_q, h = bh % s.heads_q;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int slice = blockIdx.x * 4 + warp;
+  const int g = lane / 4, quad = lane % 4;
+  const int rows[2] = {slice * kWarpQ + g, slice * kWarpQ + g + 8};
+  const float sm_scale_log2 = a.sm_scale * kLog2e;
+
+  float x[2][kVecsPerLane][8];
+  float amax = 0.f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int i = 0; i < kVecsPerLane; ++i) {
+      const int c = (quad + 4 * i) * 8;
+      if (rows[r] < s.seq_q && c < s.head_dim) {
+        load8(x[r][i], static_cast<const T*>(a.q.ptr) + b * a.q.batch_stride + h * a.q.head_stride +
+                           static_cast<int64_t>(rows[r]) * a.q.token_stride + c);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[r][i][e] = 0.f;
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[r][i][e]));
+    }
+  }
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  const float inv = inv_scale(amax, kInt8Max);
+  if (quad == 0) {
+    a.buf.q_scale[(static_cast<int64_t>(bh) * (s.padded_q / kWarpQ) + slice) * kRowGroups + g] =
+        amax / kInt8Max * sm_scale_log2;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int i = 0; i < kVecsPerLane; ++i) {
+      uint32_t packed[2] = {0u, 0u};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        packed[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(to_int8(x[r][i][e], inv))) << (8 * (e % 4));
+      }
+      *reinterpret_cast<uint2*>(a.buf.q + (static_cast<int64_t>(bh) * s.padded_q + rows[r]) * kDim +
+                                (quad + 4 * i) * 8) = make_uint2(packed[0], packed[1]);
+    }
+  }
+  if (a.buf.q_dot_kmean != nullptr) {
+    const int hkv = h / (s.heads_q / s.heads_kv);
+    const float* k_sum = a.buf.k_sum + (b * s.heads_kv + hkv) * s.padded_dim;
+    const float inv_n = s.seq_kv > 0 ? 1.f / static_cast<float>(s.seq_kv) : 0.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < kVecsPerLane; ++i) {
+        const int c = (quad + 4 * i) * 8;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot += c < s.head_dim ? x[r][i][e] * (k_sum[c + e] * inv_n) : 0.f;
+      }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      if (quad == 0 && rows[r] < s.seq_q) a.buf.q_dot_kmean[static_cast<int64_t>(bh) * s.seq_q + rows[r]] = dot;
+    }
+  }
+}
+
+template <typename T, int kDim>
+void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
+  const Shape& s = a.shape;
+  const int bh_kv = s.batch * s.heads_kv, bh_q = s.batch * s.heads_q;
+  if (s.seq_kv > 0) {
+    kv_stats_kernel<T><<<dim3((s.seq_kv + kStatsTokensPerCta - 1) / kStatsTokensPerCta, bh_kv), kThreads, 0,
+                         stream>>>(a);
+  }
+  quant_kv_kernel<T, kDim, kSm80BlockK><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
+  quant_q_kernel<T, kDim, kSm80WarpQ><<<dim3(s.padded_q / 64, bh_q), 128, 0, stream>>>(a);
+}
+
+}  // namespace
+
+cudaError_t launch_quantize(const AttentionArgs& a, cudaStream_t stream) {
+  const Shape& s = a.shape;
+  const size_t dim_bytes = static_cast<size_t>(s.batch) * s.heads_kv * s.padded_dim * sizeof(float);
+  cudaError_t err = cudaMemsetAsync(a.buf.k_sum, 0, dim_bytes, stream);
+  if (err == cudaSuccess && a.pv_fp8) err = cudaMemsetAsync(a.buf.v_amax, 0, dim_bytes, stream);
+  if (err != cudaSuccess) return err;
+  const bool bf16 = a.dtype == DType::kBFloat16;
+  if (s.padded_dim == 64) {
+    bf16 ? launch_typed<__nv_bfloat16, 64>(a, stream) : launch_typed<__half, 64>(a, stream);
+  } else if (s.padded_dim == 128) {
+    bf16 ? launch_typed<__nv_bfloat16, 128>(a, stream) : launch_typed<__half, 128>(a, stream);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace comfy_sage

@@ -1,0 +1,229 @@
+// The mma.sync attention kernel (Ampere, Ada, consumer Blackwell; also runs on Hopper).
+//
+// One CTA = one (batch, q head, block of kSm80BlockQ = 128 query rows); 8 warps, each owning 16 rows.
+// Per K block of kSm80BlockK = 64 keys (double-buffered with cp.async):
+//   S = Q̂·K̂ᵀ on INT8 tensor cores (m16n8k32), dequantized with one multiply: every element a lane holds
+//   shares one Q scale (its rows g, g+8) and one K scale (its columns 2t, 2t+1 of each n-tile);
+//   masking (key padding, bottom-right causal), online softmax in base 2 (softmax.cuh);
+//   O += P̃·V: FP8 (m16n8k32, P̃ packed straight from the S registers thanks to V's token permutation, each
+//   block's product in a fresh accumulator added into fp32: the two-level accumulation) or FP16
+//   (m16n8k16, fp32 accumulate).
+// Epilogue: O / l (· δV per channel for FP8), rows that saw no key written as 0, optional LSE.
+//
+// Shared memory rows are padded by 16 bytes so the 8 row addresses of every ldmatrix hit distinct banks.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../attention/params.h"
+#include "../attention/softmax.cuh"
+#include "../common/constants.cuh"
+#include "../common/ptx.cuh"
+#include "../common/vec.cuh"
+
+namespace comfy_sage {
+
+template <int kDim, bool kPvFp8, typename OutT>
+struct Sm80Traits {
+  static constexpr int kBlockQ = kSm80BlockQ, kWarpQ = kSm80WarpQ, kBlockK = kSm80BlockK;
+  static constexpr int kWarps = kBlockQ / kWarpQ;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kPad = 16;
+  static constexpr int kQkRow = kDim + kPad;                               // bytes per Q/K smem row (INT8)
+  static constexpr int kVRow = kPvFp8 ? kBlockK + kPad : 2 * kDim + kPad;  // FP8: a channel; FP16: a token
+  static constexpr int kVRows = kPvFp8 ? kDim : kBlockK;
+  static constexpr int kQBytes = kBlockQ * kQkRow;
+  static constexpr int kKBytes = kBlockK * kQkRow;
+  static constexpr int kVBytes = kVRows * kVRow;
+  static constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVBytes);
+  static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
+  static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
+  static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB a CTA may use on sm_86 and sm_89");
+};
+
+template <int kDim, bool kPvFp8, typename OutT>
+__global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
+    sm80_attention_kernel(const AttentionArgs a) {
+  using Tr = Sm80Traits<kDim, kPvFp8, OutT>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* s_q = smem;
+  auto s_k = [&](int stage) { return smem + Tr::kQBytes + stage * Tr::kKBytes; };
+  auto s_v = [&](int stage) { return smem + Tr::kQBytes + 2 * Tr::kKBytes + stage * Tr::kVBytes; };
+
+  const Shape& s = a.shape;
+  const int num_q_blocks = s.padded_q / Tr::kBlockQ;
+  // Causal: the longest rows first, so the short tail of CTAs fills the gaps.
+  const int q_block = a.causal ? num_q_blocks - 1 - blockIdx.x : blockIdx.x;
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hkv = hq / (s.heads_q / s.heads_kv);
+  const int bhq = b * s.heads_q + hq, bhkv = b * s.heads_kv + hkv;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int q0 = q_block * Tr::kBlockQ;
+  const int diag = s.seq_kv - s.seq_q;  // key j is visible to row i iff j <= i + diag (causal)
+
+  int num_k_blocks = (s.seq_kv + Tr::kBlockK - 1) / Tr::kBlockK;
+  if (a.causal) {
+    const int last_key = q0 + Tr::kBlockQ - 1 + diag;
+    num_k_blocks = last_key < 0 ? 0 : min(num_k_blocks, last_key / Tr::kBlockK + 1);
+  }
+
+  const int8_t* gq = a.buf.q + (static_cast<int64_t>(bhq) * s.padded_q + q0) * kDim;
+  const int8_t* gk = a.buf.k + static_cast<int64_t>(bhkv) * s.padded_kv * kDim;
+  const uint8_t* gv = static_cast<const uint8_t*>(a.buf.v) +
+                      static_cast<int64_t>(bhkv) * s.padded_kv * kDim * (kPvFp8 ? 1 : 2);
+
+  // ---- loads ----
+  auto load_rows = [&](uint8_t* dst, int dst_row, const uint8_t* src, int64_t src_row, int rows, int row_bytes) {
+    const int chunks = row_bytes / 16;
+    for (int i = threadIdx.x; i < rows * chunks; i += Tr::kThreads) {
+      const int r = i / chunks, c = i % chunks;
+      cp_async_16(smem_addr(dst + r * dst_row + c * 16), src + r * src_row + c * 16);
+    }
+  };
+  auto load_kv = [&](int kb, int stage) {
+    load_rows(s_k(stage), Tr::kQkRow, reinterpret_cast<const uint8_t*>(gk) + kb * Tr::kBlockK * kDim, kDim,
+              Tr::kBlockK, kDim);
+    if constexpr (kPvFp8) {  // V^T: kDim channel rows of kBlockK bytes, row stride padded_kv
+      load_rows(s_v(stage), Tr::kVRow, gv + kb * Tr::kBlockK, s.padded_kv, kDim, Tr::kBlockK);
+    } else {  // V: kBlockK token rows of 2·kDim bytes
+      load_rows(s_v(stage), Tr::kVRow, gv + static_cast<int64_t>(kb) * Tr::kBlockK * kDim * 2, kDim * 2,
+                Tr::kBlockK, kDim * 2);
+    }
+  };
+  load_rows(s_q, Tr::kQkRow, reinterpret_cast<const uint8_t*>(gq), kDim, Tr::kBlockQ, kDim);
+  if (num_k_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  const float q_scale =
+      a.buf.q_scale[(static_cast<int64_t>(bhq) * (s.padded_q / Tr::kWarpQ) + q0 / Tr::kWarpQ + warp) * kRowGroups + g];
+  const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
+
+  float o[Tr::kOTiles][4] = {};
+  OnlineSoftmax<Tr::kSTiles> softmax;
+  constexpr float kExpOffset = kPvFp8 ? kLog2Fp8Max : 0.f;
+  uint32_t qa[kDim / 32][4];
+
+  for (int kb = 0; kb < num_k_blocks; ++kb) {
+    const int stage = kb & 1;
+    if (kb + 1 < num_k_blocks) {
+      load_kv(kb + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (kb == 0) {
+#pragma unroll
+      for (int kk = 0; kk < kDim / 32; ++kk) {
+        ldmatrix_x4(qa[kk], smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + kk * 32 + (lane >> 4) * 16));
+      }
+    }
+
+    // S = Q̂·K̂ᵀ
+    int32_t acc[Tr::kSTiles][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kDim / 32; ++kk) {
+#pragma unroll
+      for (int p = 0; p < Tr::kSTiles / 2; ++p) {
+        uint32_t kf[4];
+        const int m = lane / 8;
+        ldmatrix_x4(kf, smem_addr(s_k(stage) + (16 * p + (m / 2) * 8 + (lane & 7)) * Tr::kQkRow + kk * 32 + (m & 1) * 16));
+        mma_s8(acc[2 * p], qa[kk], kf[0], kf[1]);
+        mma_s8(acc[2 * p + 1], qa[kk], kf[2], kf[3]);
+      }
+    }
+
+    // Dequantize (one scale per lane) and mask.
+    const float scale = q_scale * k_scales[kb * kColGroups + t];
+    const int key0 = kb * Tr::kBlockK;
+    const bool needs_mask = key0 + Tr::kBlockK > s.seq_kv || (a.causal && key0 + Tr::kBlockK - 1 > q0 + diag);
+    float sf[Tr::kSTiles][4];
+#pragma unroll
+    for (int n = 0; n < Tr::kSTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sf[n][e] = static_cast<float>(acc[n][e]) * scale;
+        if (needs_mask) {
+          const int key = key0 + n * 8 + 2 * t + (e & 1);
+          const int row = q0 + warp * Tr::kWarpQ + g + (e >> 1) * 8;
+          if (key >= s.seq_kv || (a.causal && key > row + diag)) sf[n][e] = -kInf;
+        }
+      }
+    }
+
+    softmax.step(sf, o, kExpOffset);
+
+    // O += P̃·V
+    if constexpr (kPvFp8) {
+      uint32_t pa[2][4];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // a0: tiles 4c,4c+1 row g; a1: row g+8; a2, a3: tiles 4c+2, 4c+3
+          const int n = 4 * c + 2 * (r >> 1), e = 2 * (r & 1);
+          pa[c][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                     (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < Tr::kOTiles; ++n) {
+        uint32_t vf[4];
+        ldmatrix_x4(vf, smem_addr(s_v(stage) + (n * 8 + (lane & 7)) * Tr::kVRow + (lane >> 3) * 16));
+        float blk[4] = {};
+        mma_e4m3(blk, pa[0], vf[0], vf[1]);
+        mma_e4m3(blk, pa[1], vf[2], vf[3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] += blk[e];
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < Tr::kBlockK / 16; ++c) {
+        const uint32_t pa[4] = {pack_half2(sf[2 * c][0], sf[2 * c][1]), pack_half2(sf[2 * c][2], sf[2 * c][3]),
+                                pack_half2(sf[2 * c + 1][0], sf[2 * c + 1][1]),
+                                pack_half2(sf[2 * c + 1][2], sf[2 * c + 1][3])};
+#pragma unroll
+        for (int n = 0; n < Tr::kOTiles; n += 2) {
+          uint32_t vf[4];
+          const int token = 16 * c + ((lane >> 3) & 1) * 8 + (lane & 7);
+          ldmatrix_x4_trans(vf, smem_addr(s_v(stage) + token * Tr::kVRow + (n * 8 + (lane >> 4) * 8) * 2));
+          mma_f16(o[n], pa, vf[0], vf[1]);
+          mma_f16(o[n + 1], pa, vf[2], vf[3]);
+        }
+      }
+    }
+    __syncthreads();  // the stage just read is the next load's target
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue ----
+  softmax.reduce_sums();
+  const float* v_amax = a.buf.v_amax + static_cast<int64_t>(bhkv) * s.padded_dim;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = q0 + warp * Tr::kWarpQ + g + half * 8;
+    if (row >= s.seq_q) continue;
+    const float inv_l = softmax.l[half] > 0.f ? 1.f / softmax.l[half] : 0.f;
+    OutT* out = static_cast<OutT*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
+                static_cast<int64_t>(row) * a.out.token_stride;
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) {
+      const int col = n * 8 + 2 * t;
+      if (col >= s.head_dim) continue;
+      float x0 = o[n][2 * half] * inv_l, x1 = o[n][2 * half + 1] * inv_l;
+      if constexpr (kPvFp8) {
+        x0 *= v_amax[col] / kFp8Max;
+        x1 *= v_amax[col + 1] / kFp8Max;
+      }
+      *reinterpret_cast<uint32_t*>(out + col) = Elem<OutT>::from_float2(x0, x1);
+    }
+    if (a.lse != nullptr && t == 0) {
+      float lse = softmax.lse(half, kExpOffset);
+      lse += a.buf.q_dot_kmean[static_cast<int64_t>(bhq) * s.seq_q + row] * a.sm_scale;
+      a.lse[static_cast<int64_t>(bhq) * s.seq_q + row] = lse;
+    }
+  }
+}
+
+}  // namespace comfy_sage
