@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from ._inputs import Problem, causal_visible
 
@@ -34,8 +33,11 @@ def attention(
     gqa = problem.heads_q != problem.heads_kv
     if nkv == 0 or nq == 0:
         out = q.new_zeros(q.shape)
-        lse = torch.full(q.shape[:3], -math.inf, device=q.device) if return_lse else None
+        lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
         return out, lse
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        # SDPA takes a float mask only in q's dtype or float32; float32 holds an fp16/bf16 mask exactly.
+        attn_mask = attn_mask.float()
 
     hidden = max(0, nq - nkv) if is_causal else 0  # leading rows that see no key
     if hidden:
@@ -45,6 +47,9 @@ def attention(
                 q[:, :, hidden:], k, v, is_causal=True, scale=scale, enable_gqa=gqa
             )
     elif is_causal and nq != nkv:
+        # Imported here: torch.nn.attention.bias pulls in torch._dynamo, which doubles `import comfy_sage`.
+        from torch.nn.attention.bias import causal_lower_right
+
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=causal_lower_right(nq, nkv), scale=scale, enable_gqa=gqa
         )

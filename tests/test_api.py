@@ -1,0 +1,228 @@
+"""The public API: exports, modes, return values, logging each fallback reason once, a clean import."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import comfy_sage
+from comfy_sage import Mode, _log, capability, dispatch, sageattn
+from comfy_sage.capability import KernelStatus
+from comfy_sage.testing import make_qkv
+
+MODE_STRINGS = ["auto", "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "sdpa"]
+
+
+def small(gen, **kwargs):
+    return make_qkv(1, 2, 24, 64, generator=gen, **kwargs)
+
+
+def test_exports():
+    assert comfy_sage.sageattn is sageattn
+    assert comfy_sage.Mode is Mode
+    assert set(comfy_sage.__all__) == {"Mode", "__version__", "sageattn"}
+    assert isinstance(comfy_sage.__version__, str) and comfy_sage.__version__
+
+
+def test_mode_values():
+    assert [m.value for m in Mode] == MODE_STRINGS
+    assert str(Mode.INT8_FP8) == "int8_fp8"
+
+
+@pytest.mark.parametrize("text", MODE_STRINGS)
+def test_mode_parse(text):
+    mode = Mode.parse(text)
+    assert mode.value == text
+    assert Mode.parse(text.upper()) is mode
+    assert Mode.parse(f"  {text.title()} ") is mode
+    assert Mode.parse(mode) is mode
+
+
+@pytest.mark.parametrize("mode", [*MODE_STRINGS, *Mode, "INT8_FP8", "Sdpa", "Auto"])
+def test_every_mode_is_accepted_and_runs_here(mode, gen, fresh_state):
+    q, k, v = small(gen)
+    out = sageattn(q, k, v, mode=mode)
+    # No CUDA kernel runs on this machine: every mode is PyTorch attention, bit for bit.
+    if q.device.type != "cuda":
+        torch.testing.assert_close(out, sageattn(q, k, v, mode="sdpa"), atol=0, rtol=0)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("bad", ["int8", "fp8", "int8-fp8", "", "flash", None, 8, Mode])
+def test_unknown_mode(bad, gen):
+    with pytest.raises(ValueError) as info:
+        sageattn(*small(gen), mode=bad)
+    message = str(info.value)
+    assert message.startswith("mode must be one of ")
+    for name in MODE_STRINGS:
+        assert repr(name) in message
+    assert message.endswith(f"got {bad!r}")
+
+
+def test_mode_properties():
+    assert [m for m in Mode if m.is_quantized] == [Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16]
+    assert Mode.INT4_FP8.qk_bits == 4 and Mode.INT4_FP8.pv_fp8
+    assert Mode.INT8_FP16.qk_bits == 8 and not Mode.INT8_FP16.pv_fp8
+    assert Mode.INT4_FP8.with_qk_bits(8) is Mode.INT8_FP8
+    assert Mode.INT8_FP8.with_pv_fp8(False) is Mode.INT8_FP16
+    assert Mode.INT4_FP16.with_pv_fp8(True) is Mode.INT4_FP8
+    with pytest.raises(KeyError):
+        _ = Mode.SDPA.qk_bits
+
+
+def test_return_values(gen):
+    q, k, v = small(gen)
+    out = sageattn(q, k, v)
+    assert isinstance(out, torch.Tensor)
+    result = sageattn(q, k, v, return_lse=True)
+    assert isinstance(result, tuple) and len(result) == 2
+    out2, lse = result
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    assert lse.shape == (1, 2, 24) and lse.dtype == torch.float32 and lse.device == q.device
+
+
+def test_drop_in_for_sdpa(gen):
+    # The HND call of an SDPA user gives SDPA's answer.
+    q, k, v = small(gen)
+    for causal in (False, True):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(sageattn(q, k, v, is_causal=causal), expected, atol=0, rtol=0)
+
+
+# --- logging each reason once ---------------------------------------------------------------------------
+
+
+def reasons(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "comfy_sage"]
+
+
+def test_fallback_reason_logged_once(gen, fresh_state, caplog):
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    q, k, v = small(gen)
+    for _ in range(50):
+        sageattn(q, k, v, mode="int8_fp8")
+    expected = "int8_fp8 falls back to PyTorch attention: the inputs are on cpu, the kernels need a CUDA GPU"
+    assert reasons(caplog) == [expected]
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_distinct_reasons_each_once(gen, fresh_state, caplog):
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    q, k, v = small(gen)
+    for _ in range(20):
+        for mode in ("auto", "int8_fp8", "int4_fp16", "sdpa"):
+            sageattn(q, k, v, mode=mode)
+            sageattn(q, k, v, mode=mode, is_causal=True)  # same reason: not logged again
+    assert reasons(caplog) == [
+        "mode 'auto' uses PyTorch attention: no CUDA device",
+        "int8_fp8 falls back to PyTorch attention: the inputs are on cpu, the kernels need a CUDA GPU",
+        "int4_fp16 falls back to PyTorch attention: the inputs are on cpu, the kernels need a CUDA GPU",
+    ]  # "sdpa" was asked for: nothing to explain
+
+
+def test_reason_logged_again_after_forget(gen, fresh_state, caplog):
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    q, k, v = small(gen)
+    sageattn(q, k, v)
+    sageattn(q, k, v)
+    _log.forget_logged()
+    sageattn(q, k, v)
+    assert reasons(caplog) == ["mode 'auto' uses PyTorch attention: no CUDA device"] * 2
+
+
+def test_notes_are_logged_once(gen, fresh_state, caplog, monkeypatch):
+    # A plan with a note (INT4 asked on Hopper) logs the note once; fake the plan, the call still falls back.
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    note = "INT4 tensor cores are emulated on sm_90, so INT8 Q·Kᵀ runs instead"
+    fake = dispatch.Plan(Mode.INT4_FP8, Mode.SDPA, None, "a reason", note)
+    monkeypatch.setattr(dispatch, "plan", lambda *args: fake)
+    q, k, v = small(gen)
+    for _ in range(10):
+        sageattn(q, k, v, mode="int4_fp8")
+    assert reasons(caplog) == ["a reason", note]
+
+
+def test_log_once_levels_and_return_value(fresh_state, caplog):
+    caplog.set_level(logging.DEBUG, logger="comfy_sage")
+    assert _log.log_once("hello") is True
+    assert _log.log_once("hello") is False
+    assert _log.log_once("hello", logging.INFO) is True  # another level is another message
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "hello"),
+        (logging.INFO, "hello"),
+    ]
+
+
+def test_log_once_is_thread_safe(fresh_state, caplog):
+    from concurrent.futures import ThreadPoolExecutor
+
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    with ThreadPoolExecutor(8) as pool:
+        logged = list(pool.map(lambda i: _log.log_once(f"reason {i % 5}"), range(400)))
+    assert sum(logged) == 5
+    assert sorted(reasons(caplog)) == [f"reason {i}" for i in range(5)]
+
+
+def test_fallback_with_kernels_loaded_still_explains_cpu(gen, fresh_state, caplog, monkeypatch):
+    # Even with kernels, CPU tensors fall back, and the reason says it is the device.
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    monkeypatch.setattr(capability, "kernel_status", lambda: KernelStatus(True, None, ("sm_89",)))
+    dispatch.clear_cache()
+    sageattn(*small(gen), mode="int8_fp16")
+    assert reasons(caplog) == [
+        "int8_fp16 falls back to PyTorch attention: the inputs are on cpu, the kernels need a CUDA GPU"
+    ]
+
+
+# --- importing without a GPU or the extension ---------------------------------------------------------
+
+
+IMPORT_PROBE = """
+import json, sys, time
+import torch
+before = set(sys.modules)
+t0 = time.perf_counter()
+import comfy_sage
+elapsed = time.perf_counter() - t0
+added = set(sys.modules) - before
+modules = sorted(m for m in added if m.startswith("comfy_sage"))
+q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)
+out = comfy_sage.sageattn(q, q, q, mode="int8_fp8")
+from comfy_sage import capability
+print(json.dumps({
+    "modules_at_import": modules,
+    "modules_after_call": sorted(m for m in sys.modules if m.startswith("comfy_sage")),
+    "import_s": elapsed,
+    "dynamo_added": "torch._dynamo" in added,
+    "shape": list(out.shape),
+    "status": [capability.kernel_status().loaded, capability.kernel_status().reason],
+}))
+"""
+
+
+def test_import_without_gpu_or_extension():
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["shape"] == [1, 2, 8, 64]
+    # The reference (a big, test-only package) and the extension are not imported by `import comfy_sage`.
+    assert not any(m.startswith("comfy_sage.reference") for m in info["modules_at_import"]), info
+    assert "comfy_sage._C" not in info["modules_at_import"]
+    assert not any(m.startswith("comfy_sage.reference") for m in info["modules_after_call"]), info
+    # Nothing heavy beyond torch itself: torch._dynamo (pulled in by torch.nn.attention.bias) is imported
+    # only when a call needs it, not by `import comfy_sage`.
+    assert not info["dynamo_added"]
+    if info["status"][0] is False:
+        assert info["status"][1]  # a reason is always kept
+    print(f"import comfy_sage took {info['import_s']:.2f} s after torch")
+    # The one fallback warning reached stderr through logging's last-resort handler.
+    assert "int8_fp8 falls back to PyTorch attention" in result.stderr
+    assert result.stderr.count("falls back") == 1

@@ -1,0 +1,130 @@
+"""`python -m comfy_sage doctor` and `demo`: they run on a machine without a GPU and say so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comfy_sage import __main__ as cli
+from comfy_sage import __version__, doctor
+from comfy_sage.modes import QUANTIZED_MODES
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "comfy_sage", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def doctor_json() -> dict:
+    return json.loads(run_cli("doctor", "--json").stdout)
+
+
+def test_doctor_json_keys(doctor_json):
+    assert set(doctor_json) >= {
+        "comfy_sage",
+        "python",
+        "torch",
+        "torch_cuda",
+        "device",
+        "gpu",
+        "compute_capability",
+        "kernels_loaded",
+        "kernels_reason",
+        "kernel_archs",
+        "modes",
+        "auto",
+    }
+    assert doctor_json["comfy_sage"] == __version__
+    assert doctor_json["torch"] == torch.__version__
+    assert set(doctor_json["modes"]) == {m.value for m in QUANTIZED_MODES}
+    assert set(doctor_json["auto"]) == {str(d) for d in doctor.REPORTED_HEAD_DIMS}
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks what doctor says on a machine without a GPU")
+def test_doctor_json_without_gpu(doctor_json):
+    assert doctor_json["device"] == "cpu"
+    assert doctor_json["gpu"] is None and doctor_json["compute_capability"] is None
+    assert doctor_json["kernels_loaded"] is False
+    assert isinstance(doctor_json["kernels_reason"], str) and doctor_json["kernels_reason"]
+    assert doctor_json["kernel_archs"] == []
+    for head_dim, what in doctor_json["auto"].items():
+        assert what.startswith("sdpa (") and "no CUDA device" in what, (head_dim, what)
+    for mode, what in doctor_json["modes"].items():
+        assert what != "native" and not what.startswith("runs as"), (mode, what)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks what doctor says on a machine without a GPU")
+def test_doctor_text_without_gpu(doctor_json):
+    out = run_cli("doctor").stdout
+    assert f"comfy_sage {__version__}" in out
+    assert "(no CUDA GPU)" in out
+    assert f"kernels: not loaded: {doctor_json['kernels_reason']}" in out
+    for mode in QUANTIZED_MODES:
+        assert f"  {mode.value} " in out
+    for head_dim in doctor.REPORTED_HEAD_DIMS:
+        assert f"D={head_dim}" in out
+
+
+def test_doctor_in_process_matches_summary(capsys):
+    assert cli.main(["doctor", "--json", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info == doctor.summary("cpu")
+    assert cli.main(["doctor", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == doctor.render(doctor.summary("cpu"))
+
+
+def test_demo_small():
+    result = run_cli("demo", "--seq", "64", "--heads", "2", "--head-dim", "64", "--device", "cpu")
+    out = result.stdout
+    assert "demo: sageattn(q, k, v, mode='auto') on cpu, q/k/v [B=1, H=2, N=64, D=64] bf16" in out
+    assert "runs: PyTorch attention (fallback)" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("sageattn (this call)"))
+    cos, rel_l1 = (float(x) for x in row.split(")")[1].split()[:2])
+    assert cos > 0.9999 and rel_l1 < 5e-3  # PyTorch bf16 attention against float64
+    assert "output: shape [1, 2, 64, 64] torch.bfloat16" in out
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "int4_fp16"])
+def test_demo_modes_in_process(mode, capsys, fresh_state):
+    argv = ["demo", "--seq", "32", "--heads", "1", "--head-dim", "32", "--device", "cpu", "--mode", mode]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"mode={mode!r}" in out and "output: shape [1, 1, 32, 32]" in out
+
+
+def test_demo_mode_is_case_insensitive(capsys, fresh_state):
+    argv = ["demo", "--seq", "8", "--heads", "1", "--head-dim", "32", "--device", "cpu", "--mode", "SDPA"]
+    assert cli.main(argv) == 0
+    assert "mode='sdpa'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["frobnicate"], ["demo", "--mode", "int3"], ["doctor", "--jsn"]])
+def test_usage_errors_exit_2_with_a_message(argv, capsys):
+    # A usage error is argparse's message and exit status 2, not a traceback.
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m comfy_sage")
+    if "--mode" in argv:
+        assert "int3" in err and "int8_fp8" in err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "nonsense"])
+def test_bad_device_is_a_usage_error(device, capsys):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["doctor", "--device", device])
+    assert info.value.code == 2
+    assert f"--device {device}" in capsys.readouterr().err.replace("'", "")

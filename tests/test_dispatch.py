@@ -1,0 +1,355 @@
+"""The dispatch table: which kernel (or the fallback) runs each (GPU, mode, head dim, dtype, mask).
+
+No GPU is needed: the compute capability and the kernel status are faked, and `plan` is asked about a
+`torch.device("cuda")` that is never touched.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from comfy_sage import capability, dispatch
+from comfy_sage.capability import KernelStatus
+from comfy_sage.modes import QUANTIZED_MODES, Mode
+from comfy_sage.tiling import SM80
+
+pytestmark = pytest.mark.usefixtures("fresh_state")
+
+CUDA = torch.device("cuda")
+LOADED = KernelStatus(True, None, ("sm_80", "sm_89", "sm_90a", "sm_120a"))
+NOT_LOADED = KernelStatus(False, "this install has no compiled kernels (pure-Python package)")
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend to be a CUDA GPU of the given compute capability, with the given kernel status."""
+
+    def fake(cc: tuple[int, int], status: KernelStatus = LOADED, qk_bits: tuple[int, ...] = (8, 4)) -> None:
+        monkeypatch.setattr(capability, "device_capability", lambda device: cc if device.type == "cuda" else None)
+        monkeypatch.setattr(capability, "kernel_status", lambda: status)
+        # The hardware table assumes every kernel is built; `qk_bits` says which Q·Kᵀ widths are.
+        monkeypatch.setattr(dispatch, "KERNEL_QK_BITS", qk_bits, raising=False)
+        dispatch.clear_cache()
+
+    return fake
+
+
+def plan(mode="auto", head_dim=128, dtype=torch.bfloat16, has_mask=False, device=CUDA):
+    return dispatch.plan(Mode.parse(mode), device, head_dim, dtype, has_mask)
+
+
+@pytest.mark.parametrize(
+    "cc, expected",
+    [
+        ((8, 0), Mode.INT8_FP16),
+        ((8, 6), Mode.INT8_FP16),
+        ((8, 7), Mode.INT8_FP16),
+        ((8, 9), Mode.INT8_FP8),
+        ((9, 0), Mode.INT8_FP8),
+        ((10, 0), Mode.INT8_FP8),
+        ((12, 0), Mode.INT8_FP8),
+    ],
+)
+def test_auto_per_gpu(gpu, cc, expected):
+    gpu(cc)
+    p = plan("auto")
+    assert p.requested is Mode.AUTO
+    assert p.mode is expected and not p.fallback
+    assert p.kernel.mode is expected and p.kernel.family == "sm80" and p.kernel.tiling == SM80
+    assert p.kernel.name == f"sm80_{expected.value}"
+    assert p.reason is None and p.note is None
+    assert dispatch.auto_mode(cc) is expected
+
+
+@pytest.mark.parametrize("cc", [(7, 5), (7, 0), (6, 1)])
+def test_auto_on_pre_ampere_is_sdpa(gpu, cc):
+    gpu(cc)
+    p = plan("auto")
+    assert p.fallback and p.mode is Mode.SDPA
+    assert p.reason == f"mode 'auto' uses PyTorch attention: sm_{cc[0]}{cc[1]} is older than sm_80"
+    assert dispatch.auto_mode(cc) is Mode.SDPA
+
+
+@pytest.mark.parametrize("mode", QUANTIZED_MODES)
+def test_explicit_mode_on_pre_ampere_falls_back(gpu, mode):
+    gpu((7, 5))
+    p = plan(mode)
+    assert p.fallback and p.requested is mode
+    assert p.reason == (
+        f"{mode.value} falls back to PyTorch attention: sm_75 is older than sm_80 (Ampere), "
+        "the oldest GPU the kernels support"
+    )
+
+
+def test_auto_never_int4():
+    for cc in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]:
+        assert dispatch.auto_mode(cc).qk_bits == 8
+    assert dispatch.auto_mode(None) is Mode.SDPA
+
+
+@pytest.mark.parametrize("cc", [(9, 0), (10, 0), (12, 0)])
+@pytest.mark.parametrize("mode, runs", [(Mode.INT4_FP8, Mode.INT8_FP8), (Mode.INT4_FP16, Mode.INT8_FP16)])
+def test_int4_runs_int8_where_emulated(gpu, cc, mode, runs):
+    gpu(cc)
+    p = plan(mode)
+    assert p.requested is mode and p.mode is runs and p.kernel.mode is runs
+    sm = f"sm_{cc[0]}{cc[1]}"
+    assert p.note == f"INT4 tensor cores are emulated on {sm}, so INT8 Q·Kᵀ runs instead"
+    assert p.reason is None
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6)])
+def test_fp8_runs_fp16_on_ampere(gpu, cc):
+    gpu(cc)
+    sm = f"sm_{cc[0]}{cc[1]}"
+    p = plan(Mode.INT8_FP8)
+    assert p.mode is Mode.INT8_FP16 and not p.fallback
+    assert p.note == f"{sm} has no FP8 tensor cores, so P·V runs in FP16"
+    # INT4 stays (native here); only P·V changes.
+    p = plan(Mode.INT4_FP8)
+    assert p.mode is Mode.INT4_FP16
+    assert p.note == f"{sm} has no FP8 tensor cores, so P·V runs in FP16"
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9)])
+def test_int4_native_on_ampere_and_ada(gpu, cc):
+    gpu(cc)
+    p = plan(Mode.INT4_FP16)
+    assert p.mode is Mode.INT4_FP16 and p.kernel.mode is Mode.INT4_FP16 and p.note is None
+
+
+def test_int4_requests_run_int8_until_the_int4_kernels_are_built(gpu):
+    if not hasattr(dispatch, "KERNEL_QK_BITS"):
+        pytest.skip("this dispatch has no KERNEL_QK_BITS: every Q·Kᵀ width is built")
+    gpu((8, 9), qk_bits=(8,))
+    p = plan(Mode.INT4_FP8)
+    assert not p.fallback and p.mode is Mode.INT8_FP8 and p.kernel.mode is Mode.INT8_FP8
+    assert "INT4" in p.note and "INT8" in p.note
+    gpu((8, 0), qk_bits=(8,))
+    p = plan(Mode.INT4_FP8)  # both substitutions, both said
+    assert p.mode is Mode.INT8_FP16
+    assert "no FP8 tensor cores" in p.note and "INT4" in p.note
+
+
+def test_int4_fp8_native_only_on_ada(gpu):
+    gpu((8, 9))
+    p = plan(Mode.INT4_FP8)
+    assert p.mode is Mode.INT4_FP8 and p.note is None
+
+
+@pytest.mark.parametrize("cc", [(8, 9), (9, 0), (12, 0)])
+@pytest.mark.parametrize("mode", [Mode.INT8_FP8, Mode.INT8_FP16])
+def test_int8_native_from_ada_on(gpu, cc, mode):
+    gpu(cc)
+    p = plan(mode)
+    assert p.mode is mode and p.note is None and p.reason is None
+
+
+def test_both_notes_together(gpu):
+    # No such GPU today, but the two rules must compose: INT4 emulated and no FP8.
+    assert dispatch.native_mode(Mode.INT4_FP8, (8, 0)) == (
+        Mode.INT4_FP16,
+        "sm_80 has no FP8 tensor cores, so P·V runs in FP16",
+    )
+    assert dispatch.native_mode(Mode.INT8_FP16, (9, 0)) == (Mode.INT8_FP16, None)
+
+
+def test_sdpa_mode_never_has_a_reason(gpu):
+    for cc in [(7, 5), (8, 0), (9, 0)]:
+        gpu(cc)
+        p = plan("sdpa")
+        assert p.fallback and p.mode is Mode.SDPA and p.reason is None and p.note is None
+        assert plan("sdpa", has_mask=True).reason is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "int8_fp8", "int4_fp16"])
+def test_mask_falls_back(gpu, mode):
+    gpu((8, 9))
+    p = plan(mode, has_mask=True)
+    assert p.fallback
+    asked = "int8_fp8" if mode == "auto" else mode  # "auto" names the mode it picked
+    assert p.reason == f"{asked} falls back to PyTorch attention: attn_mask is not supported by the kernels"
+
+
+@pytest.mark.parametrize("head_dim", [1, 16, 31, 257, 512])
+def test_head_dims_outside_the_range_fall_back(gpu, head_dim):
+    gpu((8, 9))
+    p = plan("auto", head_dim=head_dim)
+    assert p.fallback and p.mode is Mode.SDPA
+    assert p.reason.startswith(f"int8_fp8 falls back to PyTorch attention: head_dim {head_dim} ")
+
+
+@pytest.mark.parametrize("head_dim", [32, 40, 64, 80, 96, 128])
+def test_head_dims_of_sd_and_flux_run_a_kernel(gpu, head_dim):
+    gpu((8, 9))
+    p = plan("auto", head_dim=head_dim)
+    assert not p.fallback and p.reason is None
+
+
+@pytest.mark.parametrize("head_dim", [136, 160, 192, 256])
+def test_large_head_dims_follow_the_kernel_range(gpu, head_dim):
+    # 129..256 run once a head-dim-256 kernel is built (MAX_HEAD_DIM says whether it is).
+    gpu((9, 0))
+    p = plan("auto", head_dim=head_dim)
+    if head_dim <= dispatch.MAX_HEAD_DIM:
+        assert not p.fallback
+    else:
+        assert p.fallback and f"head_dim {head_dim} " in p.reason
+    assert dispatch.MAX_HEAD_DIM in (128, 256)
+
+
+def test_head_dim_range_constants():
+    assert dispatch.MIN_HEAD_DIM == 32
+    assert 128 <= dispatch.MAX_HEAD_DIM <= 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_run_a_kernel(gpu, dtype):
+    gpu((9, 0))
+    assert not plan("auto", dtype=dtype).fallback
+
+
+@pytest.mark.parametrize("mode", ["auto", "int8_fp16", "int4_fp8"])
+def test_kernels_not_loaded_fall_back_with_the_load_reason(gpu, mode):
+    gpu((8, 9), NOT_LOADED)
+    p = plan(mode)
+    assert p.fallback and p.mode is Mode.SDPA
+    asked = "int8_fp8" if mode == "auto" else mode
+    assert p.reason == f"{asked} falls back to PyTorch attention: {NOT_LOADED.reason}"
+
+
+def test_broken_extension_reason_is_kept(gpu):
+    broken = KernelStatus(False, "the compiled kernels failed to load: libcudart.so.13: cannot open shared object")
+    gpu((9, 0), broken)
+    assert plan("int8_fp8").reason.endswith(broken.reason)
+
+
+@pytest.mark.parametrize("mode", ["auto", *[m.value for m in QUANTIZED_MODES]])
+def test_cpu_falls_back(gpu, mode):
+    gpu((9, 0))  # a GPU exists, but the tensors are on the CPU
+    p = plan(mode, device=torch.device("cpu"))
+    assert p.fallback and p.mode is Mode.SDPA
+    if mode == "auto":
+        assert p.reason == "mode 'auto' uses PyTorch attention: no CUDA device"
+    else:
+        assert p.reason == (
+            f"{mode} falls back to PyTorch attention: the inputs are on cpu, the kernels need a CUDA GPU"
+        )
+
+
+def test_cpu_falls_back_without_faking(fresh_state):
+    # The real capability module on this machine: a CPU tensor never reaches a kernel.
+    p = plan("int8_fp8", device=torch.device("cpu"))
+    assert p.fallback and "the kernels need a CUDA GPU" in p.reason
+
+
+def test_plan_is_cached(gpu):
+    gpu((8, 9))
+    a = plan("int8_fp8", head_dim=64)
+    assert plan("int8_fp8", head_dim=64) is a
+    assert plan("int8_fp8", head_dim=128) is not a
+    dispatch.clear_cache()
+    b = plan("int8_fp8", head_dim=64)
+    assert b == a and b is not a
+
+
+def test_plan_does_not_reload_the_extension(gpu, monkeypatch):
+    calls = []
+    monkeypatch.setattr(capability, "device_capability", lambda device: (8, 9))
+    monkeypatch.setattr(capability, "kernel_status", lambda: calls.append(1) or LOADED)
+    dispatch.clear_cache()
+    for _ in range(100):
+        plan("int8_fp8")
+    assert len(calls) == 1
+
+
+def test_hopper_uses_the_mma_sync_family_until_wgmma_lands(gpu, monkeypatch):
+    gpu((9, 0))
+    assert plan("int8_fp8").kernel.family == "sm80"
+    monkeypatch.setattr(dispatch, "HOPPER_KERNEL", True)
+    dispatch.clear_cache()
+    kernel = plan("int8_fp8").kernel
+    assert kernel.family == "sm90" and kernel.tiling == dispatch._TILINGS["sm90"]
+    gpu((12, 0))
+    assert plan("int8_fp8").kernel.family == "sm80"  # consumer Blackwell is mma.sync either way
+
+
+def test_private_plan_with_a_fake_cc(fresh_state, monkeypatch):
+    monkeypatch.setattr(capability, "kernel_status", lambda: LOADED)
+    p = dispatch._plan(Mode.INT4_FP8, "cuda", (9, 0), 128, torch.float16, False)
+    assert p.mode is Mode.INT8_FP8 and "emulated on sm_90" in p.note
+
+
+# --- capability: what the kernel status says on this machine -----------------------------------------
+
+
+def test_kernel_status_without_the_extension(fresh_state):
+    if "comfy_sage._C" in sys.modules or importlib.util.find_spec("comfy_sage._C") is not None:
+        pytest.skip("the compiled extension is installed here")
+    status = capability.kernel_status()
+    assert status == KernelStatus(False, "this install has no compiled kernels (pure-Python package)")
+    assert capability.kernel_status() is status  # loaded once
+
+
+def test_kernel_status_keeps_the_load_error(fresh_state, tmp_path, monkeypatch):
+    # An extension that exists but cannot be loaded (wrong CUDA, ABI, a broken file) must say why.
+    import comfy_sage
+
+    if importlib.util.find_spec("comfy_sage._C") is not None:
+        pytest.skip("the compiled extension is installed here")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    (tmp_path / f"_C{suffix}").write_bytes(b"not an ELF file")
+    monkeypatch.setattr(comfy_sage, "__path__", [*comfy_sage.__path__, str(tmp_path)])
+    status = capability.kernel_status()
+    assert not status.loaded
+    assert status.reason.startswith("the compiled kernels failed to load: ")
+    assert str(tmp_path) in status.reason
+    assert "comfy_sage._C" not in sys.modules
+
+
+def test_kernel_status_never_raises(fresh_state, monkeypatch):
+    def boom(name):
+        raise RuntimeError("operator comfy_sage::attention already registered")
+
+    monkeypatch.setattr(capability, "importlib", SimpleNamespace(import_module=boom))
+    status = capability.kernel_status()
+    assert not status.loaded and "already registered" in status.reason
+
+
+def test_device_capability_of_non_cuda_devices():
+    assert capability.device_capability(torch.device("cpu")) is None
+    assert capability.device_capability(torch.device("meta")) is None
+    assert capability.sm_name((12, 0)) == "sm_120"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_gpu_capability(fresh_state):  # pragma: no cover - GPU only
+    cc = capability.device_capability(torch.device("cuda"))
+    assert cc == torch.cuda.get_device_capability()
+    p = plan("auto")
+    assert p.mode is dispatch.auto_mode(cc) or p.fallback
+
+
+def test_kernel_status_load_error_named_like_the_extension(fresh_state, monkeypatch):
+    # dlopen failures raise a plain ImportError that may carry the module's name: not "no kernels".
+    def fail(name):
+        raise ImportError("libcudart.so.13: cannot open shared object file", name=name)
+
+    monkeypatch.setattr(capability, "importlib", SimpleNamespace(import_module=fail))
+    status = capability.kernel_status()
+    assert status.reason == "the compiled kernels failed to load: libcudart.so.13: cannot open shared object file"
+
+
+def test_kernel_status_missing_dependency_of_the_extension(fresh_state, monkeypatch):
+    def fail(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(capability, "importlib", SimpleNamespace(import_module=fail))
+    assert capability.kernel_status().reason == "the compiled kernels failed to load: No module named 'triton'"
