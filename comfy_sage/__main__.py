@@ -1,4 +1,4 @@
-"""Command line: `python -m comfy_sage {doctor,demo,accuracy}`."""
+"""Command line: `python -m comfy_sage {doctor,demo,accuracy,bench}`."""
 
 from __future__ import annotations
 
@@ -87,6 +87,13 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    bench.run(args.modes.split(","), warmup=args.warmup, repeat=args.repeat, json_path=args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy_sage")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_accuracy)
+
+    p = sub.add_parser("bench", help="TOPS per shape for every implementation found (needs a GPU)")
+    p.add_argument("--modes", default="int8_fp8,int8_fp16", help="comma-separated comfy_sage modes")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     if getattr(args, "device", None):

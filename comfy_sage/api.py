@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, fallback
+from . import dispatch, fallback, ops
 from ._inputs import check_layout, check_mask, check_qkv, check_sm_scale, from_hnd, to_hnd
 from ._log import log_once
 from .modes import Mode
@@ -51,17 +51,13 @@ def sageattn(
         log_once(plan.reason)
     if plan.note:
         log_once(plan.note)
-    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
     if plan.fallback:
+        qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
         out, lse = fallback.attention(
             qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
         )
         # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
         out = from_hnd(out, layout).contiguous()
-        return (out, lse) if return_lse else out
-    else:  # pragma: no cover - needs the compiled kernels and a GPU
-        from . import ops
-
-        out, lse = ops.attention(qh, kh, vh, plan, is_causal=is_causal, scale=scale, return_lse=return_lse)
-    out = from_hnd(out, layout)
+    else:
+        out, lse = ops.attention(q, k, v, layout, plan, is_causal=is_causal, scale=scale, return_lse=return_lse)
     return (out, lse) if return_lse else out

@@ -35,8 +35,12 @@ def kernel_status() -> KernelStatus:
         return KernelStatus(False, f"the compiled kernels failed to load: {exc}")
     except Exception as exc:  # an initializer that throws (op registration, a CUDA runtime mismatch, ...)
         return KernelStatus(False, f"the compiled kernels failed to load: {type(exc).__name__}: {exc}")
-    archs = tuple(getattr(module, "ARCHS", ()))
-    return KernelStatus(True, None, archs)
+    if not hasattr(torch.ops.comfy_sage, "attention"):
+        return KernelStatus(False, f"the compiled kernels loaded from {module.__file__} but registered no ops")
+    from . import ops
+
+    ops.register_fakes()
+    return KernelStatus(True, None, tuple(getattr(module, "ARCHS", ())))
 
 
 @functools.cache
