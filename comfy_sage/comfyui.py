@@ -12,8 +12,8 @@ How a model gets patched (`patch_model`)
   one-time log and the same link to the step wrapper.
 
 What one attention call runs (`SageOverride.__call__`), in this order
-1. `low_precision_attention=False` at the call site (Wan I2V image cross-attention, SAM3, ...): the fallback.
-2. A step being recomputed by the non-finite guard: ComfyUI's `attention_pytorch`.
+1. An evaluation being recomputed by the non-finite guard: ComfyUI's `attention_pytorch`, every call.
+2. `low_precision_attention=False` at the call site (Wan I2V image cross-attention, SAM3, ...): the fallback.
 3. The step's mode (the node's mode, or the edge mode during the first/last N steps); "off (PyTorch)" runs
    `attention_pytorch`.
 4. `dispatch.plan(mode, device, head_dim, dtype, has_mask)` (cached, no tensor reads): a plan no kernel can
@@ -31,10 +31,9 @@ Layouts: q/k/v are [b, tokens, heads·dim] (heads from `heads`, K/V heads from t
 
 The quality guard (`StepWrapper`, an APPLY_MODEL wrapper on the clone: one call per model evaluation)
 - Precision schedule: the wrapper finds the step from the sampler's `sample_sigmas` and the current sigma
-  (the interval that holds it, so a sampler's second-order evaluations count as their step) and puts the
-  step's mode into a fresh `StepState` in a shallow copy of `transformer_options`, which reaches every
-  attention call of that evaluation. This costs one read of sigma per evaluation, and only with
-  edge_steps > 0.
+  (an evaluation at σ_i, or between σ_i and σ_i+1 like a midpoint, is step i) and puts the step's mode
+  into a fresh `StepState` in a shallow copy of `transformer_options`, which reaches every attention call
+  of that evaluation. This costs one read of sigma per evaluation, and only with edge_steps > 0.
 - Non-finite protection without a device-to-host sync per attention call: each kernel output adds
   `~isfinite(out).all()` to a 0-dim device flag in the StepState (a reduction queued on the stream, never
   read there). The wrapper reads the flag once, after the evaluation, and only if a kernel ran in it. If it
@@ -305,11 +304,11 @@ class SageOverride:
         call = bind_call(args, kwargs)
         options = kwargs.get("transformer_options") or {}
         state = options.get(STATE_KEY) if isinstance(options, dict) else None
+        if state is not None and state.recovering:
+            return self.hooks.pytorch_attention(*args, **kwargs)
         if kwargs.get("low_precision_attention", True) is False:
             why = "a call site asked for full precision (low_precision_attention=False)"
             return self._fallback(why, func, args, kwargs, level=logging.INFO)
-        if state is not None and state.recovering:
-            return self.hooks.pytorch_attention(*args, **kwargs)
         mode = state.mode if state is not None else self.settings.mode
         if mode is Mode.SDPA:
             return self.hooks.pytorch_attention(*args, **kwargs)
@@ -393,6 +392,7 @@ class StepWrapper:
         state = StepState(mode)
         out = run(state)
         if self.settings.nonfinite_guard and state.kernel_calls and state.saw_nonfinite():
+            step = step or step_of(options.get("sample_sigmas"), args[1] if len(args) > 1 else kwargs.get("t"))
             where_text = f"step {step[0] + 1} of {step[1]}" if step else "a step"
             self.reporter.once(
                 "nonfinite",
