@@ -63,8 +63,16 @@ class FakeKernels:
         return Plan(requested=mode, mode=resolved, kernel=KernelSpec("sm80", resolved, SM80))
 
     def sageattn(self, q, k, v, *, tensor_layout, sm_scale, mode):
-        self.calls.append({"layout": tensor_layout, "mode": mode, "scale": sm_scale, "q": tuple(q.shape),
-                           "k": tuple(k.shape), "dtype": q.dtype})  # fmt: skip
+        self.calls.append(
+            {
+                "layout": tensor_layout,
+                "mode": mode,
+                "scale": sm_scale,
+                "q": tuple(q.shape),
+                "k": tuple(k.shape),
+                "dtype": q.dtype,
+            }
+        )
         if self.quantized:
             resolved = Mode.INT8_FP8 if mode is Mode.AUTO else mode
             out = reference.sageattn(q, k, v, mode=resolved, tensor_layout=tensor_layout, sm_scale=sm_scale)

@@ -80,8 +80,15 @@ def test_second_order_samplers_count_midpoints_as_their_step(hooks, kernels):
     n = KERNEL_CALLS_PER_EVAL
     evals = [kernels.calls[i]["mode"] for i in range(0, len(kernels.calls), n)]
     # steps 0..3 at sigma 5, 3, 2, 1, each with a second evaluation at the next sigma (none after the last)
-    assert evals == [Mode.INT8_FP16, Mode.INT8_FP8, Mode.INT8_FP8, Mode.INT8_FP8, Mode.INT8_FP8, Mode.INT8_FP16,
-                     Mode.INT8_FP16]  # fmt: skip
+    assert evals == [
+        Mode.INT8_FP16,
+        Mode.INT8_FP8,
+        Mode.INT8_FP8,
+        Mode.INT8_FP8,
+        Mode.INT8_FP8,
+        Mode.INT8_FP16,
+        Mode.INT8_FP16,
+    ]
 
 
 def test_without_a_schedule_the_nodes_mode_runs_and_it_says_so_once(hooks, kernels, caplog):

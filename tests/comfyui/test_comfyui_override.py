@@ -59,8 +59,7 @@ def attend(model, *args, **kwargs):
 def test_kernel_path_handles_both_layouts_and_gqa(hooks, kernels, skip_reshape, skip_output_reshape, gqa):
     model = patched(hooks)
     q, k, v = make_qkv(skip_reshape, h=4, hkv=2 if gqa else 4, n=24, m=40)
-    out = attend(model, q, k, v, 4, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
-                 enable_gqa=gqa)  # fmt: skip
+    out = attend(model, q, k, v, 4, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, enable_gqa=gqa)
     want = expected(q, k, v, 4, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape)
     assert out.shape == want.shape == ((2, 4, 24, 32) if skip_output_reshape else (2, 24, 128))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

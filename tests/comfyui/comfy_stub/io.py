@@ -33,8 +33,11 @@ class _Output:
 
 
 def _io_type(name):
-    return type(name, (), {"Input": type("Input", (_Input,), {"io_type": name}),
-                           "Output": type("Output", (_Output,), {"io_type": name})})  # fmt: skip
+    return type(
+        name,
+        (),
+        {"Input": type("Input", (_Input,), {"io_type": name}), "Output": type("Output", (_Output,), {"io_type": name})},
+    )
 
 
 Model, Combo, Int, Boolean, String = (_io_type(n) for n in ("MODEL", "COMBO", "INT", "BOOLEAN", "STRING"))

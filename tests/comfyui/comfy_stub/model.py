@@ -43,8 +43,16 @@ class TinyDiT(nn.Module):
             q, k, v = (x @ self.qkv[i].T.to(x.dtype)).chunk(3, dim=-1)
             a = attn(q, k, v, h, transformer_options=to)
             qh, kh, vh = (z.unflatten(-1, (h, d)).transpose(1, 2) for z in (q, k, v))
-            bh = attn(qh, kh, vh, heads=h, skip_reshape=True, skip_output_reshape=True, scale=0.5 / d**0.5,
-                      transformer_options=to)  # fmt: skip
+            bh = attn(
+                qh,
+                kh,
+                vh,
+                heads=h,
+                skip_reshape=True,
+                skip_output_reshape=True,
+                scale=0.5 / d**0.5,
+                transformer_options=to,
+            )
             bh = bh.transpose(1, 2).flatten(2)
             kg, vg = (z.unflatten(-1, (1, d)).transpose(1, 2) for z in (x @ self.kv_gqa[i].T.to(x.dtype)).chunk(2, -1))
             gq = attn(qh, kg, vg, h, skip_reshape=True, enable_gqa=True, transformer_options=to)
