@@ -2,7 +2,9 @@
 
 Runs `torch.nn.functional.scaled_dot_product_attention` in the caller's dtype (cuDNN / flash on a GPU),
 with the same conventions as the kernels: bottom-right aligned causal masking when N_q ≠ N_kv, rows that
-see no key give 0, GQA without copying K and V, and an exact natural-log LSE on request.
+see no key give 0, GQA without copying K and V, and an exact natural-log LSE on request. A float
+`attn_mask` is added in q's dtype (as PyTorch's GPU backends need); a row that sees no key (all False, or
+all −inf) gives 0 and an LSE of −inf.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ def attention(
         out = q.new_zeros(q.shape)
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
         return out, lse
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
-        # SDPA takes a float mask only in q's dtype or float32; float32 holds an fp16/bf16 mask exactly.
-        attn_mask = attn_mask.float()
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
+        # An additive mask is applied in q's dtype. SDPA rejects most other dtypes, and the one it takes
+        # (float32 with fp16/bf16 q) went wrong on CUDA: on an H100 with torch 2.11 its cuDNN backend
+        # returned cos sim 0.78 against float64, or NaN, where a bf16 mask gave 0.999998.
+        attn_mask = attn_mask.to(q.dtype)
 
     hidden = max(0, nq - nkv) if is_causal else 0  # leading rows that see no key
     if hidden:
@@ -57,8 +61,19 @@ def attention(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
         )
+    if attn_mask is not None:
+        # PyTorch's CUDA backends give a row whose keys are all masked a finite non-zero value (seen on an
+        # H100 with torch 2.11, bool masks); our convention is 0. Out of place: SDPA's backward needs its
+        # output as it was.
+        out = out.masked_fill(_sees_no_key(attn_mask), 0.0)
     lse = _lse(q, k, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask) if return_lse else None
     return out, lse
+
+
+def _sees_no_key(attn_mask: torch.Tensor) -> torch.Tensor:
+    """[..., N_q, 1], True for the query rows whose every key is masked out (False, or −inf)."""
+    masked = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == -math.inf
+    return masked.all(-1, keepdim=True)
 
 
 def _lse(q, k, problem: Problem, *, is_causal: bool, scale: float, attn_mask) -> torch.Tensor:

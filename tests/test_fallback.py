@@ -200,13 +200,16 @@ def test_bool_mask(mask_shape, gen):
     check_lse(lse, truth_lse)
 
 
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_additive_mask(mask_dtype, gen):
-    q, k, v = make_qkv(2, 4, 48, 64, seq_kv=80, generator=gen)
+def test_additive_mask(q_dtype, mask_dtype, gen):
+    # A float mask is added in q's dtype (what PyTorch's GPU backends need): the truth uses it so rounded.
+    q, k, v = make_qkv(2, 4, 48, 64, seq_kv=80, dtype=q_dtype, generator=gen)
     mask = (torch.randn(2, 1, 48, 80, generator=gen) * 2).to(mask_dtype)
+    mask[0, 0, 3, ::2] = -math.inf
     out, lse = sageattn(q, k, v, attn_mask=mask, return_lse=True)
-    truth_out, truth_lse = dense_reference(q, k, v, attn_mask=mask)
-    assert_close_to(out, truth_out, torch.bfloat16)
+    truth_out, truth_lse = dense_reference(q, k, v, attn_mask=mask.to(q_dtype))
+    assert_close_to(out, truth_out, q_dtype)
     check_lse(lse, truth_lse)
 
 
@@ -344,3 +347,17 @@ def test_gpu_masked_fallback(mask_dtype, gen):  # pragma: no cover - GPU only
     truth_out, truth_lse = dense_reference(q.cpu(), k.cpu(), v.cpu(), attn_mask=keep)
     assert_close_to(out.cpu(), truth_out, torch.bfloat16)
     check_lse(lse.cpu(), truth_lse)
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_masked_fallback_backward(gen):  # pragma: no cover - GPU only
+    q, k, v = (t.cuda().requires_grad_() for t in make_qkv(1, 2, 32, 64, seq_kv=40, dtype=torch.float16, generator=gen))
+    keep = torch.rand(32, 40, generator=gen) > 0.5
+    keep[7] = False
+    sageattn(q, k, v, attn_mask=keep.cuda()).float().sum().backward()
+    ref = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    dense_reference(*ref, attn_mask=keep)[0].sum().backward()
+    for t, r in zip((q, k, v), ref, strict=True):
+        torch.testing.assert_close(t.grad.cpu().double(), r.grad, atol=2e-2, rtol=2e-2)
+    assert (q.grad[:, :, 7] == 0).all()  # the row that sees nothing has no gradient
