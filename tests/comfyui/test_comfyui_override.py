@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from comfy_stub import attention, patcher
-from conftest import FakeKernels, make_model, model_inputs
+from conftest import make_model, model_inputs
+from fake_kernels import FakeKernels
 
 from comfy_sage import comfyui
 from comfy_sage.modes import Mode
@@ -169,18 +170,14 @@ def test_kernels_that_load_later_are_picked_up(hooks, monkeypatch):
     q, k, v = make_qkv(True)
     attend(model, q, k, v, 4, skip_reshape=True)
     assert attention.CALLS == {"pytorch": 1}
-    fake = FakeKernels()
-    monkeypatch.setattr(comfyui.dispatch, "plan", fake.plan)
-    monkeypatch.setattr(comfyui, "sageattn", fake.sageattn)
+    fake = FakeKernels().install(monkeypatch.setattr)
     attend(model, q, k, v, 4, skip_reshape=True)
     assert len(fake.calls) == 1 and attention.CALLS == {"pytorch": 1}
 
 
 def test_quantized_kernel_path_matches_stock_within_the_modes_error(hooks, monkeypatch):
     """The whole tiny model through the reference's INT8+FP8 quantization vs stock attention."""
-    fake = FakeKernels(quantized=True)
-    monkeypatch.setattr(comfyui.dispatch, "plan", fake.plan)
-    monkeypatch.setattr(comfyui, "sageattn", fake.sageattn)
+    fake = FakeKernels(quantized=True).install(monkeypatch.setattr)
     x, ctx = model_inputs()
     t = torch.ones(2)
     stock = make_model().model.apply_model(x, t, None, ctx, None, {})
