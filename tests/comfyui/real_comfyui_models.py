@@ -182,15 +182,27 @@ def main() -> None:
         with torch.no_grad():
             t = torch.tensor([0.7])
             options = dict(model.model_options["transformer_options"])
-            return model.model.apply_model(spec["x"], t, c_crossattn=spec["context"], transformer_options=options,
-                                           **spec["extra"])  # fmt: skip
+            return model.model.apply_model(
+                spec["x"], t, c_crossattn=spec["context"], transformer_options=options, **spec["extra"]
+            )
 
     def run_sampler(model, spec, steps=4, seed=3):
         noise = torch.randn(spec["x"].shape, generator=torch.Generator().manual_seed(seed))
         positive = [[spec["context"], spec["cond"](spec["context"], spec["extra"])]]
         negative = [[torch.zeros_like(spec["context"]), spec["cond"](spec["context"], spec["extra"])]]
-        return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, negative,
-                                   torch.zeros_like(spec["x"]), seed=seed, disable_pbar=True)  # fmt: skip
+        return comfy.sample.sample(
+            model,
+            noise,
+            steps,
+            1.0,
+            "euler",
+            "simple",
+            positive,
+            negative,
+            torch.zeros_like(spec["x"]),
+            seed=seed,
+            disable_pbar=True,
+        )
 
     results = {"api": api, "optimized_attention": comfy_attention.optimized_attention.__name__}
     original_plan, original_sageattn = comfyui.dispatch.plan, comfyui.sageattn
