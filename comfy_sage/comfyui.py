@@ -16,7 +16,9 @@ What one attention call runs (`SageOverride.__call__`), in this order
 2. `low_precision_attention=False` at the call site (Wan I2V image cross-attention, SAM3, ...): the fallback.
 3. The step's mode (the node's mode, or the edge mode during the first/last N steps); "off (PyTorch)" runs
    `attention_pytorch`.
-4. `dispatch.plan(mode, device, head_dim, dtype, has_mask)` (cached, no tensor reads): a plan no kernel can
+4. Shapes `comfy_sage.sageattn` does not take (k/v head dims unlike q's, batch or dtype mismatches) and
+   calls that need a backward pass go to the fallback (`kernel_blocker`), logged once per reason and model.
+5. `dispatch.plan(mode, device, head_dim, dtype, has_mask)` (cached, no tensor reads): a plan no kernel can
    run (no CUDA, an old GPU, head dim, dtype, a mask, kernels not installed) goes to the fallback and logs
    its reason once per patched model; otherwise `comfy_sage.sageattn` runs the kernel. Kernels that load
    later are picked up without change: the plan says so.
@@ -45,6 +47,7 @@ The quality guard (`StepWrapper`, an APPLY_MODEL wrapper on the clone: one call 
 from __future__ import annotations
 
 import logging
+import operator
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,8 +213,12 @@ def bind_call(args: Sequence[Any], kwargs: dict[str, Any]) -> AttentionCall:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int; got {heads!r}")
+    try:
+        heads = operator.index(heads) if not isinstance(heads, bool) else 0
+    except TypeError:
+        heads = 0
+    if heads < 1:
+        raise ValueError(f"heads must be a positive int; got {bound['heads']!r}")
     skip_reshape = bool(bound.get("skip_reshape", False))
     want = 4 if skip_reshape else 3
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -226,9 +233,6 @@ def bind_call(args: Sequence[Any], kwargs: dict[str, Any]) -> AttentionCall:
         if q.shape[-1] % heads:
             raise ValueError(f"q's last dim {q.shape[-1]} is not a multiple of heads={heads}")
         head_dim = q.shape[-1] // heads
-        for name, t in (("k", k), ("v", v)):
-            if head_dim == 0 or t.shape[-1] % head_dim:
-                raise ValueError(f"{name}'s last dim {t.shape[-1]} is not a multiple of the head dim {head_dim}")
     mask = bound.get("mask")
     if mask is not None and not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None; got {type(mask).__name__}")
@@ -238,6 +242,34 @@ def bind_call(args: Sequence[Any], kwargs: dict[str, Any]) -> AttentionCall:
     return AttentionCall(
         q, k, v, heads, mask, skip_reshape, bool(bound.get("skip_output_reshape", False)), scale, head_dim
     )
+
+
+def kernel_blocker(call: AttentionCall) -> str | None:
+    """Why `comfy_sage.sageattn` cannot take this call as it is (ComfyUI's PyTorch attention may), or None."""
+    q, k, v, d = call.q, call.k, call.v, call.head_dim
+    if not call.skip_reshape:
+        if d == 0 or k.shape[-1] % d or v.shape[-1] != k.shape[-1]:
+            return f"k/v widths {k.shape[-1]}/{v.shape[-1]} are not heads × q's head dim {d}"
+        heads_kv = k.shape[-1] // d
+    else:
+        if k.shape[-1] != d or v.shape[-1] != d:
+            return f"k/v head dims {k.shape[-1]}/{v.shape[-1]} differ from q's {d}"
+        if k.shape[1] != v.shape[1]:
+            return f"k and v have different head counts ({k.shape[1]}, {v.shape[1]})"
+        heads_kv = k.shape[1]
+    heads_q = q.shape[1] if call.skip_reshape else call.heads
+    if heads_kv == 0 or heads_q % heads_kv:
+        return f"q's {heads_q} heads are not a multiple of k/v's {heads_kv}"
+    seq = 2 if call.skip_reshape else 1
+    if not q.shape[0] == k.shape[0] == v.shape[0] or k.shape[seq] != v.shape[seq]:
+        return "q, k and v disagree on batch size or k/v token count"
+    if not q.dtype == k.dtype == v.dtype or not q.device == k.device == v.device:
+        return "q, k and v differ in dtype or device"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "the kernels have no backward pass (training needs PyTorch attention)"
+    if call.scale is not None and not 0 < call.scale < float("inf"):
+        return f"scale {call.scale} is not a positive finite number"
+    return None
 
 
 def kernel_attention(call: AttentionCall, mode: Mode) -> torch.Tensor:
@@ -312,6 +344,9 @@ class SageOverride:
         mode = state.mode if state is not None else self.settings.mode
         if mode is Mode.SDPA:
             return self.hooks.pytorch_attention(*args, **kwargs)
+        blocker = kernel_blocker(call)
+        if blocker is not None:
+            return self._fallback(blocker, func, args, kwargs)
         plan = dispatch.plan(mode, call.q.device, call.head_dim, call.q.dtype, call.mask is not None)
         if plan.fallback:
             return self._fallback(plan.reason or f"{mode.value} has no kernel here", func, args, kwargs)

@@ -186,6 +186,7 @@ def main() -> None:
                 spec["x"], t, c_crossattn=spec["context"], transformer_options=options, **spec["extra"]
             )
 
+    @torch.inference_mode()  # as ComfyUI executes a prompt
     def run_sampler(model, spec, steps=4, seed=3):
         noise = torch.randn(spec["x"].shape, generator=torch.Generator().manual_seed(seed))
         positive = [[spec["context"], spec["cond"](spec["context"], spec["extra"])]]

@@ -271,8 +271,6 @@ def test_bad_tensors_raise_clear_errors(hooks):
         attend(model, q, k, v, True)
     with pytest.raises(ValueError, match="not a multiple of heads=5"):
         attend(model, q, k, v, 5)
-    with pytest.raises(ValueError, match="k's last dim 100 is not a multiple of the head dim 32"):
-        attend(model, q, k[..., :100], v, 4)
     with pytest.raises(ValueError, match="must be 4-D"):
         attend(model, q, k, v, 4, skip_reshape=True)
     with pytest.raises(ValueError, match="must be 3-D"):
@@ -281,3 +279,48 @@ def test_bad_tensors_raise_clear_errors(hooks):
         attend(model, q, k, v, 4, [[True]])
     with pytest.raises(TypeError, match="scale must be a float"):
         attend(model, q, k, v, 4, scale="0.1")
+
+
+def _call(q, k, v, heads=4, **kwargs):
+    return comfyui.bind_call((q, k, v, heads), kwargs)
+
+
+def test_kernel_blockers_name_what_the_kernels_cannot_take():
+    q, k, v = make_qkv(True, m=40)
+    assert comfyui.kernel_blocker(_call(q, k, v, skip_reshape=True)) is None
+    assert "k/v head dims 32/16 differ from q's 32" in comfyui.kernel_blocker(
+        _call(q, k, v[..., :16], skip_reshape=True)
+    )
+    assert "different head counts" in comfyui.kernel_blocker(_call(q, k, v[:, :2], skip_reshape=True))
+    assert "4 heads are not a multiple of k/v's 3" in comfyui.kernel_blocker(
+        _call(q, k[:, :3], v[:, :3], skip_reshape=True)
+    )
+    assert "batch size" in comfyui.kernel_blocker(_call(q, k[:1], v[:1], skip_reshape=True))
+    assert "token count" in comfyui.kernel_blocker(_call(q, k, v[:, :, :39], skip_reshape=True))
+    assert "dtype or device" in comfyui.kernel_blocker(_call(q, k.half(), v, skip_reshape=True))
+    assert "not a positive finite number" in comfyui.kernel_blocker(_call(q, k, v, skip_reshape=True, scale=-1.0))
+    qf, kf, vf = make_qkv(False, m=40)
+    assert comfyui.kernel_blocker(_call(qf, kf, vf)) is None
+    assert "k/v widths 100/128 are not heads × q's head dim 32" in comfyui.kernel_blocker(_call(qf, kf[..., :100], vf))
+    assert "k/v widths 128/64" in comfyui.kernel_blocker(_call(qf, kf, vf[..., :64]))
+    assert comfyui.bind_call((qf, kf, vf, torch.tensor(4).item()), {}).heads == 4
+
+
+def test_calls_the_kernels_cannot_take_run_pytorch_attention(hooks, kernels, caplog):
+    model = patched(hooks)
+    q, k, v = make_qkv(True, m=40)
+    with caplog.at_level(logging.WARNING, logger="comfy_sage"):
+        out = attend(model, q, k, v[..., :16], 4, skip_reshape=True)
+    torch.testing.assert_close(out, expected(q, k, v[..., :16], 4, skip_reshape=True), rtol=1e-5, atol=1e-5)
+    assert "differ from q's 32" in caplog.text and not kernels.calls and attention.CALLS == {"pytorch": 1}
+
+
+def test_training_runs_pytorch_attention_with_gradients(hooks, kernels):
+    model = patched(hooks)
+    q, k, v = (t.requires_grad_() for t in make_qkv(True))
+    out = attend(model, q, k, v, 4, skip_reshape=True)
+    out.sum().backward()
+    assert q.grad is not None and not kernels.calls
+    with torch.no_grad():
+        attend(model, q, k, v, 4, skip_reshape=True)
+    assert len(kernels.calls) == 1
