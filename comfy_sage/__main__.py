@@ -90,7 +90,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    bench.run(args.modes.split(","), warmup=args.warmup, repeat=args.repeat, json_path=args.json)
+    shapes = [s for s in bench.SHAPES if not args.only or any(o in s[-1] for o in args.only.split(","))]
+    bench.run(args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json)
     return 0
 
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
     p.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)

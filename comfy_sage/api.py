@@ -46,6 +46,16 @@ def sageattn(
     check_mask(attn_mask, problem, is_causal, q.device)
     scale = check_sm_scale(sm_scale, problem.head_dim)
 
+    if torch.compiler.is_compiling():  # one opaque op for torch.compile: no graph break, no tracing into dispatch
+        out, lse = torch.ops.comfy_sage.sageattn(q, k, v, layout, is_causal, scale, mode.value, attn_mask, return_lse)
+    else:
+        out, lse = _run(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _run(q, k, v, layout: str, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
+    """Dispatch one validated call: (out in the caller's layout, LSE or None)."""
+    problem = check_qkv(q, k, v, layout)
     plan = dispatch.plan(mode, q.device, problem.head_dim, q.dtype, attn_mask is not None)
     if plan.reason:
         log_once(plan.reason)
@@ -60,4 +70,23 @@ def sageattn(
         out = from_hnd(out, layout).contiguous()
     else:
         out, lse = ops.attention(q, k, v, layout, plan, is_causal=is_causal, scale=scale, return_lse=return_lse)
-    return (out, lse) if return_lse else out
+    return out, lse
+
+
+@torch.library.custom_op(
+    "comfy_sage::sageattn",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, str layout, bool is_causal, float scale, str mode, Tensor? attn_mask, "
+    "bool return_lse) -> (Tensor, Tensor)",
+)
+def _sageattn_op(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse):
+    out, lse = _run(q, k, v, layout, is_causal, scale, Mode(mode), attn_mask, return_lse)
+    return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
+
+
+@_sageattn_op.register_fake
+def _(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse):
+    b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if layout == "HND" else (q.shape[0], q.shape[2], q.shape[1])
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
+        (b, h, n) if return_lse else (0,), dtype=torch.float32
+    )

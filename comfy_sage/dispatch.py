@@ -65,9 +65,15 @@ class Plan:
 
 
 def auto_mode(cc: tuple[int, int] | None) -> Mode:
-    """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality), FP8 P·V where FP8 exists."""
+    """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality), FP8 P·V where FP8 exists.
+
+    Hopper is the exception while it runs the mma.sync family: there `mma.sync ... e4m3` compiles to FP16
+    HMMA plus conversions (read from the sm_90a SASS), so FP16 P·V is both faster and more accurate.
+    """
     if cc is None or cc < MIN_CC:
         return Mode.SDPA
+    if cc == (9, 0) and not HOPPER_KERNEL:
+        return Mode.INT8_FP16
     return Mode.INT8_FP8 if cc >= FP8_MIN_CC else Mode.INT8_FP16
 
 

@@ -17,15 +17,18 @@ struct OnlineSoftmax {
   float m[2] = {-kInf, -kInf};  // running row max (log2 domain)
   float l[2] = {0.f, 0.f};                      // running row sum of P̃, this lane's keys only
 
-  // Turns the scores `s` of one K block into P̃ in place, rescales `o` by exp2(m_old − m_new), adds the
-  // block's row sums. `offset` is added to every exponent (log2(448) for FP8 P, 0 for FP16 P).
+  // Turns one K block's unscaled scores `s` (the log2-domain score is s·scale, scale > 0) into P̃ in place,
+  // rescales `o` by exp2(m_old − m_new) and adds the block's row sums. `offset` is added to every exponent
+  // (log2(448) for FP8 P, 0 for FP16 P). A lane's max is taken before scaling (scale > 0 keeps the order
+  // within the lane), so each exponent costs one FFMA.
   template <int kOTiles>
-  __device__ __forceinline__ void step(float (&s)[kTiles][4], float (&o)[kOTiles][4], float offset) {
+  __device__ __forceinline__ void step(float (&s)[kTiles][4], float (&o)[kOTiles][4], float scale, float offset) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float mx = -kInf;
 #pragma unroll
       for (int n = 0; n < kTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      mx *= scale;  // each lane of the quad has its own K scale: compare scaled values across lanes
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[half], mx);
@@ -37,7 +40,7 @@ struct OnlineSoftmax {
       for (int n = 0; n < kTiles; ++n) {
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          s[n][e] = fast_exp2(s[n][e] - base);
+          s[n][e] = fast_exp2(fmaf(s[n][e], scale, -base));
           sum += s[n][e];
         }
       }

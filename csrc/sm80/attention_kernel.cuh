@@ -38,11 +38,26 @@ struct Sm80Traits {
   static constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVBytes);
   static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
   static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
+  // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed.
+  static constexpr int kMinBlocks = 2;
   static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB a CTA may use on sm_86 and sm_89");
 };
 
+// Copies a kRows × kRowBytes tile (source rows `src_stride` bytes apart) into shared memory rows kDstRow
+// bytes apart, 16 bytes per cp.async, the same number of copies for every thread.
+template <int kRows, int kRowBytes, int kDstRow, int kThreads>
+__device__ __forceinline__ void load_tile(uint8_t* dst, const uint8_t* src, int64_t src_stride) {
+  constexpr int kChunks = kRowBytes / 16;
+  static_assert(kRows * kChunks % kThreads == 0, "the tile must split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+    const int idx = threadIdx.x + i * kThreads, r = idx / kChunks, c = idx % kChunks;
+    cp_async_16(smem_addr(dst + r * kDstRow + c * 16), src + r * src_stride + c * 16);
+  }
+}
+
 template <int kDim, bool kPvFp8, typename OutT>
-__global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
+__global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80Traits<kDim, kPvFp8, OutT>::kMinBlocks)
     sm80_attention_kernel(const AttentionArgs a) {
   using Tr = Sm80Traits<kDim, kPvFp8, OutT>;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -74,24 +89,17 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
                       static_cast<int64_t>(bhkv) * s.padded_kv * kDim * (kPvFp8 ? 1 : 2);
 
   // ---- loads ----
-  auto load_rows = [&](uint8_t* dst, int dst_row, const uint8_t* src, int64_t src_row, int rows, int row_bytes) {
-    const int chunks = row_bytes / 16;
-    for (int i = threadIdx.x; i < rows * chunks; i += Tr::kThreads) {
-      const int r = i / chunks, c = i % chunks;
-      cp_async_16(smem_addr(dst + r * dst_row + c * 16), src + r * src_row + c * 16);
-    }
-  };
   auto load_kv = [&](int kb, int stage) {
-    load_rows(s_k(stage), Tr::kQkRow, reinterpret_cast<const uint8_t*>(gk) + kb * Tr::kBlockK * kDim, kDim,
-              Tr::kBlockK, kDim);
+    load_tile<Tr::kBlockK, kDim, Tr::kQkRow, Tr::kThreads>(
+        s_k(stage), reinterpret_cast<const uint8_t*>(gk) + kb * Tr::kBlockK * kDim, kDim);
     if constexpr (kPvFp8) {  // V^T: kDim channel rows of kBlockK bytes, row stride padded_kv
-      load_rows(s_v(stage), Tr::kVRow, gv + kb * Tr::kBlockK, s.padded_kv, kDim, Tr::kBlockK);
+      load_tile<kDim, Tr::kBlockK, Tr::kVRow, Tr::kThreads>(s_v(stage), gv + kb * Tr::kBlockK, s.padded_kv);
     } else {  // V: kBlockK token rows of 2·kDim bytes
-      load_rows(s_v(stage), Tr::kVRow, gv + static_cast<int64_t>(kb) * Tr::kBlockK * kDim * 2, kDim * 2,
-                Tr::kBlockK, kDim * 2);
+      load_tile<Tr::kBlockK, 2 * kDim, Tr::kVRow, Tr::kThreads>(
+          s_v(stage), gv + static_cast<int64_t>(kb) * Tr::kBlockK * kDim * 2, 2 * kDim);
     }
   };
-  load_rows(s_q, Tr::kQkRow, reinterpret_cast<const uint8_t*>(gq), kDim, Tr::kBlockQ, kDim);
+  load_tile<Tr::kBlockQ, kDim, Tr::kQkRow, Tr::kThreads>(s_q, reinterpret_cast<const uint8_t*>(gq), kDim);
   if (num_k_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -102,7 +110,7 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
   float o[Tr::kOTiles][4] = {};
   OnlineSoftmax<Tr::kSTiles> softmax;
   constexpr float kExpOffset = kPvFp8 ? kLog2Fp8Max : 0.f;
-  uint32_t qa[kDim / 32][4];
+  const uint32_t q_frag = smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + (lane >> 4) * 16);
 
   for (int kb = 0; kb < num_k_blocks; ++kb) {
     const int stage = kb & 1;
@@ -114,38 +122,38 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (kb == 0) {
-#pragma unroll
-      for (int kk = 0; kk < kDim / 32; ++kk) {
-        ldmatrix_x4(qa[kk], smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + kk * 32 + (lane >> 4) * 16));
-      }
-    }
 
-    // S = Q̂·K̂ᵀ
+    // S = Q̂·K̂ᵀ (Q fragments re-read from shared memory each block: registers are the scarcer resource)
     int32_t acc[Tr::kSTiles][4] = {};
 #pragma unroll
     for (int kk = 0; kk < kDim / 32; ++kk) {
+      uint32_t qa[4];
+      ldmatrix_x4(qa, q_frag + kk * 32);
 #pragma unroll
       for (int p = 0; p < Tr::kSTiles / 2; ++p) {
         uint32_t kf[4];
         const int m = lane / 8;
         ldmatrix_x4(kf, smem_addr(s_k(stage) + (16 * p + (m / 2) * 8 + (lane & 7)) * Tr::kQkRow + kk * 32 + (m & 1) * 16));
-        mma_s8(acc[2 * p], qa[kk], kf[0], kf[1]);
-        mma_s8(acc[2 * p + 1], qa[kk], kf[2], kf[3]);
+        mma_s8(acc[2 * p], qa, kf[0], kf[1]);
+        mma_s8(acc[2 * p + 1], qa, kf[2], kf[3]);
       }
     }
 
-    // Dequantize (one scale per lane) and mask.
-    const float scale = q_scale * k_scales[kb * kColGroups + t];
+    // Dequantize (one scale per lane) and mask. The scale is kept positive so that masked -inf stays -inf.
+    const float scale = fmaxf(q_scale * k_scales[kb * kColGroups + t], kMinScale);
     const int key0 = kb * Tr::kBlockK;
     const bool needs_mask = key0 + Tr::kBlockK > s.seq_kv || (a.causal && key0 + Tr::kBlockK - 1 > q0 + diag);
     float sf[Tr::kSTiles][4];
 #pragma unroll
     for (int n = 0; n < Tr::kSTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sf[n][e] = static_cast<float>(acc[n][e]) * scale;
-        if (needs_mask) {
+      for (int e = 0; e < 4; ++e) sf[n][e] = static_cast<float>(acc[n][e]);
+    }
+    if (needs_mask) {
+#pragma unroll
+      for (int n = 0; n < Tr::kSTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
           const int key = key0 + n * 8 + 2 * t + (e & 1);
           const int row = q0 + warp * Tr::kWarpQ + g + (e >> 1) * 8;
           if (key >= s.seq_kv || (a.causal && key > row + diag)) sf[n][e] = -kInf;
@@ -153,7 +161,7 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
       }
     }
 
-    softmax.step(sf, o, kExpOffset);
+    softmax.step(sf, o, scale, kExpOffset);
 
     // O += P̃·V
     if constexpr (kPvFp8) {
@@ -204,7 +212,7 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
   for (int half = 0; half < 2; ++half) {
     const int row = q0 + warp * Tr::kWarpQ + g + half * 8;
     if (row >= s.seq_q) continue;
-    const float inv_l = softmax.l[half] > 0.f ? 1.f / softmax.l[half] : 0.f;
+    const float inv_l = softmax.l[half] > 0.f ? __frcp_rn(softmax.l[half]) : 0.f;
     OutT* out = static_cast<OutT*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
                 static_cast<int64_t>(row) * a.out.token_stride;
 #pragma unroll
@@ -213,8 +221,8 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads)
       if (col >= s.head_dim) continue;
       float x0 = o[n][2 * half] * inv_l, x1 = o[n][2 * half + 1] * inv_l;
       if constexpr (kPvFp8) {
-        x0 *= v_amax[col] / kFp8Max;
-        x1 *= v_amax[col + 1] / kFp8Max;
+        x0 *= v_amax[col] * (1.f / kFp8Max);
+        x1 *= v_amax[col + 1] * (1.f / kFp8Max);
       }
       *reinterpret_cast<uint32_t*>(out + col) = Elem<OutT>::from_float2(x0, x1);
     }

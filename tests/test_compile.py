@@ -1,0 +1,44 @@
+"""torch.compile and torch.library contracts of the public API, on whatever device is here (CPU in CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_sage
+import comfy_sage.api  # noqa: F401  (registers comfy_sage::sageattn)
+
+
+def _qkv(layout="HND", n=48, d=32):
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 4, n, d) if layout == "HND" else (2, n, 4, d)
+    return tuple(torch.randn(*shape, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("layout", ("HND", "NHD"))
+@pytest.mark.parametrize("return_lse", (False, True))
+def test_compile_fullgraph_matches_eager(layout, return_lse):
+    """fullgraph=True fails on any graph break: the API must compile as one opaque op."""
+    q, k, v = _qkv(layout)
+
+    def fn(q, k, v):
+        return comfy_sage.sageattn(q, k, v, is_causal=True, tensor_layout=layout, return_lse=return_lse)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got, expected = compiled(q, k, v), fn(q, k, v)
+    if return_lse:
+        torch.testing.assert_close(got[1], expected[1])
+        got, expected = got[0], expected[0]
+    torch.testing.assert_close(got, expected)
+    assert got.shape == q.shape and got.is_contiguous()
+
+
+def test_opcheck_sageattn_op():
+    q, k, v = _qkv()
+    mask = torch.rand(2, 1, 48, 48) > 0.2
+    for args in (
+        (q, k, v, "HND", False, 0.2, "auto", None, True),
+        (q, k, v, "HND", True, 0.2, "sdpa", None, False),
+        (q, k, v, "HND", False, 0.2, "int8_fp8", mask, False),
+    ):
+        torch.library.opcheck(torch.ops.comfy_sage.sageattn.default, args)
