@@ -63,8 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    """The README's accuracy table: the reference in every mode against float64, on two kinds of input."""
-    from . import reference
+    """The README's accuracy table: the reference (and with --kernels the kernels) against float64."""
+    from . import dispatch, reference, sageattn
     from .modes import QUANTIZED_MODES
     from .testing import make_qkv
 
@@ -74,15 +74,22 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         ("per-block, Q+K smoothing", dict(smooth_q=True, granularity="block")),
         ("per-thread, no smoothing", dict(smooth_q=False, smooth_k=False)),
     ]
+    device = _device(args.device)
+    kernels = args.kernels and device.type == "cuda"
     print(f"B={args.batch} H={args.heads} N={args.seq} D={args.head_dim} bf16, seed {args.seed}, vs float64")
     print("| inputs | mode | quantization | cos sim | rel L1 |\n|---|---|---|---|---|")
     for kind in ("normal", "biased"):
         g = torch.Generator().manual_seed(args.seed)
-        q, k, v = make_qkv(args.batch, args.heads, args.seq, args.head_dim, kind=kind, generator=g)
+        q, k, v = make_qkv(args.batch, args.heads, args.seq, args.head_dim, kind=kind, generator=g, device=device)
         truth = reference.exact.attention(q, k, v)
         for mode in QUANTIZED_MODES:
-            for name, kwargs in variants:
-                acc = reference.accuracy(reference.sageattn(q, k, v, mode=mode, **kwargs), truth)
+            rows = [(f"reference, {name}", reference.sageattn(q, k, v, mode=mode, **kw)) for name, kw in variants]
+            if kernels:
+                plan = dispatch.plan(mode, device, args.head_dim, q.dtype, False)
+                ran = plan.kernel.name if plan.kernel else "PyTorch fallback"
+                rows.insert(0, (f"**kernel** ({ran})", sageattn(q, k, v, mode=mode)))
+            for name, out in rows:
+                acc = reference.accuracy(out, truth)
                 print(f"| {kind} | {mode.value} | {name} | {acc['cos_sim']:.5f} | {acc['rel_l1']:.4f} |")
     return 0
 
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("accuracy", help="the reference's accuracy table (every mode vs float64)")
+    p.add_argument("--device", help="where to compute (default: the current CUDA device, else cpu)")
+    p.add_argument("--kernels", action="store_true", help="add a row for the kernel of each mode (CUDA)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=4096)

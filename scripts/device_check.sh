@@ -14,6 +14,9 @@ python3 -m pytest tests/gpu -q -x -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-
 if [ -z "${SKIP_SANITIZER:-}" ]; then
     PYTHONPATH=. compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.log"
 fi
+if [ -z "${SKIP_ACCURACY:-}" ]; then
+    python3 -m comfy_sage accuracy --kernels --device cuda 2>&1 | tee "$out/accuracy.md" | grep -E "kernel|B=" 
+fi
 if [ -z "${SKIP_BENCH:-}" ]; then
     python3 -m comfy_sage bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
 fi

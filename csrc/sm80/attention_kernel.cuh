@@ -38,8 +38,14 @@ struct Sm80Traits {
   static constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVBytes);
   static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
   static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
-  // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed.
+  // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed,
+  // where shared memory holds two (sm_80: 164 KB, sm_90: 228 KB); sm_86/89/120 have 100 KB and fit one,
+  // which may then use up to 255 registers instead of spilling at 128.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 900)
   static constexpr int kMinBlocks = 2;
+#else
+  static constexpr int kMinBlocks = 1;
+#endif
   static_assert(kSmemBytes <= 99 * 1024, "must fit the 99 KB a CTA may use on sm_86 and sm_89");
 };
 
