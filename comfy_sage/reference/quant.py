@@ -5,8 +5,9 @@ Integers are held as float32 values (exact: |x| ≤ 127, and every Q·Kᵀ dot p
 
 Rules shared with the kernels (csrc/quant):
 - symmetric: scale = amax / qmax (qmax 127 for INT8, 7 for INT4), x_q = round_half_even(x · (qmax / amax)),
-  clamped to ±qmax; a group whose amax is 0 gets scale 0 and all-zero values;
-- V in FP8 e4m3 per channel: scale = amax / 448, v̂ = e4m3_rn(clamp(v · (448 / amax), ±448)).
+  clamped to ±qmax; a group whose amax is 0 gets scale 0 and all-zero values; a zero stays zero even where
+  qmax / amax overflows to inf (amax below ~1e-36; 0 · inf would be NaN, and the kernels must not give NaN);
+- V in FP8 e4m3 per channel: scale = amax / 448, v̂ = e4m3_rn(clamp(v · (448 / amax), ±448)), zeros kept.
 """
 
 from __future__ import annotations
@@ -64,7 +65,12 @@ def quantize_int(x: torch.Tensor, bits: int, group_ids: torch.Tensor) -> tuple[t
     amax = amax.scatter_reduce(-1, index, row_amax, reduce="amax", include_self=True).gather(-1, index)
     scale = amax / qmax
     inv = torch.where(amax > 0, qmax / amax, torch.zeros_like(amax))
-    return torch.round(x * inv[..., None]).clamp_(-qmax, qmax), scale
+    return _keep_zeros(x, torch.round(x * inv[..., None]).clamp_(-qmax, qmax)), scale
+
+
+def _keep_zeros(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Zeros stay zero where qmax / amax overflowed to inf (amax below ~1e-36): 0 · inf would be NaN."""
+    return torch.where(x == 0, torch.zeros_like(quantized), quantized)
 
 
 def to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +82,7 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8 V: (e4m3 values as float32 [B, H, N, D], scale [B, H, 1, D])."""
     amax = v.abs().amax(-2, keepdim=True)
     inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax))
-    return to_e4m3(v * inv), amax / FP8_MAX
+    return _keep_zeros(v, to_e4m3(v * inv)), amax / FP8_MAX
 
 
 def truncate_fp22(x: torch.Tensor) -> torch.Tensor:
