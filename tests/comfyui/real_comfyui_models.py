@@ -29,14 +29,16 @@ def main() -> None:
     comfy_dir = os.path.abspath(os.environ["COMFYUI_PATH"])
     sys.path.insert(0, comfy_dir)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fake_kernels
-    sys.argv = [sys.argv[0], "--cpu"]
+    import torch
+
+    cuda = torch.cuda.is_available() and os.environ.get("COMFY_SAGE_REAL_CPU_ONLY") != "1"
+    sys.argv = [sys.argv[0]] + ([] if cuda else ["--cpu"])
     import comfy.options
 
     comfy.options.enable_args_parsing()
     import comfy.model_patcher
     import comfy.sample
     import comfy.supported_models
-    import torch
     from comfy.ldm.modules import attention as comfy_attention
 
     spec = importlib.util.spec_from_file_location(
@@ -65,10 +67,12 @@ def main() -> None:
 
         api = "v1"
 
-    def build(config_cls, unet_config, seed=0):
-        config = config_cls(unet_config)
-        config.set_inference_dtype(torch.float32, None)
-        model = config.get_model({}, device=torch.device("cpu"))
+    def build(config_cls, unet_config, dtype=torch.float32, device="cpu", seed=0):
+        """A ComfyUI model from `unet_config` with seeded random weights (the same values for every dtype)."""
+        config = config_cls(dict(unet_config))
+        config.set_inference_dtype(dtype, None)
+        device = torch.device(device)
+        model = config.get_model({}, device=device)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in model.diffusion_model.parameters():
@@ -76,91 +80,57 @@ def main() -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
                 else:
                     p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
-        cpu = torch.device("cpu")
-        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+        return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
-    gen = torch.Generator().manual_seed(1)
-    specs = {
-        "flux": dict(
-            model=build(
-                comfy.supported_models.Flux,
-                dict(
-                    image_model="flux",
-                    in_channels=16,
-                    out_channels=16,
-                    vec_in_dim=32,
-                    context_in_dim=32,
-                    hidden_size=64,
-                    mlp_ratio=2.0,
-                    num_heads=2,
-                    depth=1,
-                    depth_single_blocks=1,
-                    axes_dim=[8, 12, 12],
-                    theta=10000,
-                    patch_size=2,
-                    qkv_bias=True,
-                    guidance_embed=True,
-                ),
+    configs = {  # tiny, with the real models' head dims: Flux and Wan 128, SDXL 64
+        "flux": (comfy.supported_models.Flux, dict(
+            image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=32, hidden_size=256,
+            mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+            patch_size=2, qkv_bias=True, guidance_embed=True)),
+        "wan": (comfy.supported_models.WAN21_T2V, dict(
+            image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=256,
+            ffn_dim=512, freq_dim=32, text_dim=32, out_dim=16, num_heads=2, num_layers=2)),
+        "sdxl": (comfy.supported_models.SDXL, {
+            "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+            "model_channels": 64, "num_res_blocks": [1, 1], "transformer_depth": [0, 1], "channel_mult": [1, 2],
+            "transformer_depth_middle": 1, "use_linear_in_transformer": True, "context_dim": 32,
+            "num_head_channels": 64, "transformer_depth_output": [0, 0, 1, 1], "use_temporal_attention": False,
+            "use_temporal_resblock": False}),
+    }  # fmt: skip
+
+    def make_specs(dtype=torch.float32, device="cpu", latent=16):
+        gen = torch.Generator().manual_seed(1)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen).to(device)
+
+        pooled = randn(1, 1280)
+        return {
+            "flux": dict(
+                model=build(*configs["flux"], dtype, device),
+                x=randn(1, 16, latent, latent),
+                context=randn(1, 8, 32),
+                extra=dict(y=randn(1, 32), guidance=torch.tensor([3.5], device=device)),
+                cond=lambda e: {"pooled_output": e["y"], "guidance": 3.5},
             ),
-            x=torch.randn(1, 16, 16, 16, generator=gen),
-            context=torch.randn(1, 8, 32, generator=gen),
-            extra=dict(y=torch.randn(1, 32, generator=gen), guidance=torch.tensor([3.5])),
-            cond=lambda ctx, e: {"pooled_output": e["y"], "guidance": 3.5},
-        ),
-        "wan": dict(
-            model=build(
-                comfy.supported_models.WAN21_T2V,
-                dict(
-                    image_model="wan2.1",
-                    model_type="t2v",
-                    patch_size=(1, 2, 2),
-                    text_len=8,
-                    in_dim=16,
-                    dim=64,
-                    ffn_dim=128,
-                    freq_dim=32,
-                    text_dim=32,
-                    out_dim=16,
-                    num_heads=2,
-                    num_layers=2,
-                ),
+            "wan": dict(
+                model=build(*configs["wan"], dtype, device),
+                x=randn(1, 16, 3, latent // 2, latent // 2),
+                context=randn(1, 8, 32),
+                extra={},
+                cond=lambda e: {},
             ),
-            x=torch.randn(1, 16, 3, 8, 8, generator=gen),
-            context=torch.randn(1, 8, 32, generator=gen),
-            extra={},
-            cond=lambda ctx, e: {},
-        ),
-        "sdxl": dict(
-            model=build(
-                comfy.supported_models.SDXL,
-                {
-                    "use_checkpoint": False,
-                    "image_size": 32,
-                    "out_channels": 4,
-                    "use_spatial_transformer": True,
-                    "legacy": False,
-                    "num_classes": "sequential",
-                    "adm_in_channels": 2816,
-                    "in_channels": 4,
-                    "model_channels": 32,
-                    "num_res_blocks": [1, 1],
-                    "transformer_depth": [0, 1],
-                    "channel_mult": [1, 2],
-                    "transformer_depth_middle": 1,
-                    "use_linear_in_transformer": True,
-                    "context_dim": 32,
-                    "num_head_channels": 32,
-                    "transformer_depth_output": [0, 0, 1, 1],
-                    "use_temporal_attention": False,
-                    "use_temporal_resblock": False,
-                },
+            "sdxl": dict(
+                model=build(*configs["sdxl"], dtype, device),
+                x=randn(1, 4, latent, latent),
+                context=randn(1, 8, 32),
+                extra=dict(y=randn(1, 2816)),
+                cond=lambda e: {"pooled_output": pooled, "width": 128, "height": 128},
             ),
-            x=torch.randn(1, 4, 16, 16, generator=gen),
-            context=torch.randn(1, 8, 32, generator=gen),
-            extra=dict(y=torch.randn(1, 2816, generator=gen)),
-            cond=lambda ctx, e: {"pooled_output": torch.randn(1, 1280, generator=gen), "width": 128, "height": 128},
-        ),
-    }
+        }
+
+    specs = make_specs()
 
     def counting(model):
         """Wrap the patched model's override to count calls and record each call's step mode."""
@@ -179,8 +149,8 @@ def main() -> None:
         return override, seen
 
     def forward(model, spec):
-        with torch.no_grad():
-            t = torch.tensor([0.7])
+        with torch.inference_mode():
+            t = torch.tensor([0.7], device=spec["x"].device)
             options = dict(model.model_options["transformer_options"])
             return model.model.apply_model(
                 spec["x"], t, c_crossattn=spec["context"], transformer_options=options, **spec["extra"]
@@ -189,8 +159,8 @@ def main() -> None:
     @torch.inference_mode()  # as ComfyUI executes a prompt
     def run_sampler(model, spec, steps=4, seed=3):
         noise = torch.randn(spec["x"].shape, generator=torch.Generator().manual_seed(seed))
-        positive = [[spec["context"], spec["cond"](spec["context"], spec["extra"])]]
-        negative = [[torch.zeros_like(spec["context"]), spec["cond"](spec["context"], spec["extra"])]]
+        positive = [[spec["context"].cpu(), spec["cond"](spec["extra"])]]
+        negative = [[torch.zeros_like(spec["context"]).cpu(), spec["cond"](spec["extra"])]]
         return comfy.sample.sample(
             model,
             noise,
@@ -205,7 +175,11 @@ def main() -> None:
             disable_pbar=True,
         )
 
-    results = {"api": api, "optimized_attention": comfy_attention.optimized_attention.__name__}
+    results = {
+        "api": api,
+        "v3_available": importlib.util.find_spec("comfy_api") is not None and _importable("comfy_api.latest"),
+        "optimized_attention": comfy_attention.optimized_attention.__name__,
+    }
     original_plan, original_sageattn = comfyui.dispatch.plan, comfyui.sageattn
 
     def restore():
@@ -257,7 +231,53 @@ def main() -> None:
             r["unguarded_has_nan"] = bool(torch.isnan(run_sampler(unguarded, spec)).any())
         finally:
             restore()
+    if cuda:
+        results["cuda"] = measure_kernels(torch, comfyui, make_specs, patch, forward, run_sampler)
     print("RESULTS " + json.dumps(results))
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def measure_kernels(torch, comfyui, make_specs, patch, forward, run_sampler) -> dict:
+    """The real kernels on this GPU: bf16 models through each mode against stock attention in fp32 and bf16."""
+    from comfy_sage import capability
+
+    status = capability.kernel_status()
+    out = {"gpu": torch.cuda.get_device_name(), "kernels_loaded": status.loaded, "kernels_reason": status.reason}
+    real_sageattn, calls = comfyui.sageattn, [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real_sageattn(*args, **kwargs)
+
+    comfyui.sageattn = counted
+    try:
+        ref, bf16 = make_specs(torch.float32, "cuda", latent=32), make_specs(torch.bfloat16, "cuda", latent=32)
+        for name, spec in bf16.items():
+            stock32, stock16 = forward(ref[name]["model"], ref[name]), forward(spec["model"], spec)
+            m = out[name] = {"bf16_stock_rel_fp32": rel(stock16, stock32)}
+            for mode in ("auto", "int8+fp8", "int8+fp16", "int4+fp8", "off (PyTorch)"):
+                calls[0] = 0
+                patched = patch(spec["model"], mode=mode, edge_steps=0, edge_mode="int8+fp16", nonfinite_guard=True)
+                o = forward(patched, spec)
+                reporter = patched.model_options["transformer_options"][comfyui.OVERRIDE_KEY].reporter
+                m[mode] = {"rel_fp32": rel(o, stock32), "rel_bf16": rel(o, stock16), "kernel_calls": calls[0],
+                           "fallbacks": sorted(reporter._seen), "finite": bool(torch.isfinite(o).all())}  # fmt: skip
+            if name != "sdxl":
+                stock_samples = run_sampler(spec["model"], spec)
+                patched = patch(spec["model"], mode="auto", edge_steps=1, edge_mode="int8+fp16", nonfinite_guard=True)
+                calls[0] = 0
+                m["sampling_rel_bf16"] = rel(run_sampler(patched, spec), stock_samples)
+                m["sampling_kernel_calls"] = calls[0]
+    finally:
+        comfyui.sageattn = real_sageattn
+    return out
 
 
 if __name__ == "__main__":
