@@ -61,7 +61,7 @@ from .modes import Mode
 
 logger = logging.getLogger("comfy_sage")
 
-# Pinned: saved workflows store node ids, input names and option strings (tests/comfyui/test_contract.py).
+# Pinned: saved workflows store node ids, input names and option strings (tests/comfyui/test_comfyui_nodes.py).
 PATCH_NODE_ID = "ComfySagePatchAttention"
 PATCH_DISPLAY_NAME = "Patch Sage Attention"
 INFO_NODE_ID = "ComfySageInfo"
