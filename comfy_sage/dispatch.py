@@ -24,10 +24,10 @@ from .tiling import SM80, SM90, Tiling
 MIN_CC = (8, 0)  # Ampere: the first INT8 mma.sync with the m16n8k32 shape
 FP8_MIN_CC = (8, 9)  # Ada: the first FP8 tensor cores
 INT4_CCS = frozenset({(8, 0), (8, 6), (8, 7), (8, 9)})  # native INT4 tensor cores
-NATIVE_HEAD_DIMS = (64, 128)
-# Others in this range are zero-padded to a native one inside the quantization. 129..256 needs a
-# head-dim-256 kernel (a later milestone) and falls back until then; so do head dims not a multiple of 8.
-MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
+NATIVE_HEAD_DIMS = (64, 128, 256)
+# Others in this range are zero-padded to the next native one inside the quantization (SD1.5's 40, 80, 160);
+# head dims that are not a multiple of 8 fall back.
+MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 HEAD_DIM_MULTIPLE = 8
 KERNEL_QK_BITS = (8,)  # INT4 kernels are a later milestone: INT4 requests run INT8 meanwhile
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)

@@ -60,7 +60,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   const Dims dq = dims_of(q, layout), dk = dims_of(k, layout), dv = dims_of(v, layout);
   STD_TORCH_CHECK(dk.b == dq.b && dv.b == dq.b && dk.d == dq.d && dv.d == dq.d, "q, k, v sizes disagree");
   STD_TORCH_CHECK(dk.h == dv.h && dk.n == dv.n && dk.h > 0 && dq.h % dk.h == 0, "k, v heads/tokens disagree");
-  STD_TORCH_CHECK(dq.d % 8 == 0 && dq.d <= 128, "head_dim must be a multiple of 8, at most 128");
+  STD_TORCH_CHECK(dq.d % 8 == 0 && dq.d <= 256, "head_dim must be a multiple of 8, at most 256");
 
   torch::stable::accelerator::DeviceGuard guard(device);
   void* stream_ptr = nullptr;
@@ -69,7 +69,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
 
   Shape s{};
   s.batch = dq.b, s.heads_q = dq.h, s.heads_kv = dk.h, s.seq_q = dq.n, s.seq_kv = dk.n, s.head_dim = dq.d;
-  s.padded_dim = dq.d <= 64 ? 64 : 128;
+  s.padded_dim = dq.d <= 64 ? 64 : dq.d <= 128 ? 128 : 256;
   s.padded_q = round_up(std::max<int64_t>(dq.n, 1), kSm80BlockQ);
   s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), kSm80BlockK);
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import comfy_sage
-import comfy_sage.api  # noqa: F401  (registers comfy_sage::sageattn)
+import comfy_sage.api  # registers comfy_sage::sageattn
 
 
 def _qkv(layout="HND", n=48, d=32):

@@ -20,7 +20,7 @@ struct TensorView {
   int64_t batch_stride, head_stride, token_stride;
 };
 
-// Sizes of one call. `head_dim` is the caller's; `padded_dim` the kernel's (64 or 128).
+// Sizes of one call. `head_dim` is the caller's; `padded_dim` the kernel's (64, 128 or 256).
 struct Shape {
   int batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, padded_dim;
   int padded_q, padded_kv;  // seq_q, seq_kv rounded up to the CTA's Q and K blocks

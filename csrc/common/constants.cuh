@@ -10,6 +10,7 @@ constexpr float kLog2Fp8Max = 8.807354922057604f;  // log2(448): P̃ = exp2(S - 
 constexpr float kInt8Max = 127.0f;
 constexpr float kInt4Max = 7.0f;
 constexpr float kInf = __builtin_huge_valf();
+constexpr float kFloatMax = 3.40282347e38f;
 constexpr float kMinScale = 1.17549435e-38f;  // FLT_MIN: a zero dequantization scale, kept positive
 
 constexpr int kWarpSize = 32;

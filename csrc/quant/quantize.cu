@@ -22,7 +22,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kStatsTokensPerCta = 256;
 
-__device__ __forceinline__ float inv_scale(float amax, float qmax) { return amax > 0.f ? qmax / amax : 0.f; }
+// qmax / amax, kept finite: below amax ≈ 1e-36 the quotient overflows, and 0 · inf would turn zeros into NaN.
+__device__ __forceinline__ float inv_scale(float amax, float qmax) {
+  return amax > 0.f ? fminf(qmax / amax, kFloatMax) : 0.f;
+}
 
 __device__ __forceinline__ int8_t to_int8(float x, float inv) {
   const int q = __float2int_rn(x * inv);
@@ -270,6 +273,8 @@ cudaError_t launch_quantize(const AttentionArgs& a, cudaStream_t stream) {
     bf16 ? launch_typed<__nv_bfloat16, 64>(a, stream) : launch_typed<__half, 64>(a, stream);
   } else if (s.padded_dim == 128) {
     bf16 ? launch_typed<__nv_bfloat16, 128>(a, stream) : launch_typed<__half, 128>(a, stream);
+  } else if (s.padded_dim == 256) {
+    bf16 ? launch_typed<__nv_bfloat16, 256>(a, stream) : launch_typed<__half, 256>(a, stream);
   } else {
     return cudaErrorInvalidValue;
   }

@@ -25,7 +25,9 @@ namespace comfy_sage {
 
 template <int kDim, bool kPvFp8, typename OutT>
 struct Sm80Traits {
-  static constexpr int kBlockQ = kSm80BlockQ, kWarpQ = kSm80WarpQ, kBlockK = kSm80BlockK;
+  // Head dim 256 halves the Q block (4 warps) so the tiles still fit 99 KB of shared memory.
+  static constexpr int kBlockQ = kDim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ;
+  static constexpr int kWarpQ = kSm80WarpQ, kBlockK = kSm80BlockK;
   static constexpr int kWarps = kBlockQ / kWarpQ;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kPad = 16;
@@ -35,7 +37,9 @@ struct Sm80Traits {
   static constexpr int kQBytes = kBlockQ * kQkRow;
   static constexpr int kKBytes = kBlockK * kQkRow;
   static constexpr int kVBytes = kVRows * kVRow;
-  static constexpr int kSmemBytes = kQBytes + 2 * (kKBytes + kVBytes);
+  // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256, FP16 V) one stage.
+  static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes) <= 99 * 1024 ? 2 : 1;
+  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes);
   static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
   static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
   // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed,
@@ -69,7 +73,7 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* s_q = smem;
   auto s_k = [&](int stage) { return smem + Tr::kQBytes + stage * Tr::kKBytes; };
-  auto s_v = [&](int stage) { return smem + Tr::kQBytes + 2 * Tr::kKBytes + stage * Tr::kVBytes; };
+  auto s_v = [&](int stage) { return smem + Tr::kQBytes + Tr::kStages * Tr::kKBytes + stage * Tr::kVBytes; };
 
   const Shape& s = a.shape;
   const int num_q_blocks = s.padded_q / Tr::kBlockQ;
@@ -119,8 +123,8 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
   const uint32_t q_frag = smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + (lane >> 4) * 16);
 
   for (int kb = 0; kb < num_k_blocks; ++kb) {
-    const int stage = kb & 1;
-    if (kb + 1 < num_k_blocks) {
+    const int stage = Tr::kStages == 2 ? kb & 1 : 0;
+    if (Tr::kStages == 2 && kb + 1 < num_k_blocks) {
       load_kv(kb + 1, stage ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
@@ -208,6 +212,10 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
       }
     }
     __syncthreads();  // the stage just read is the next load's target
+    if (Tr::kStages == 1 && kb + 1 < num_k_blocks) {
+      load_kv(kb + 1, 0);
+      cp_async_commit();
+    }
   }
   cp_async_wait<0>();
 

@@ -21,7 +21,11 @@ namespace {
   X(128, true, __half)              \
   X(128, true, __nv_bfloat16)       \
   X(128, false, __half)             \
-  X(128, false, __nv_bfloat16)
+  X(128, false, __nv_bfloat16)      \
+  X(256, true, __half)              \
+  X(256, true, __nv_bfloat16)       \
+  X(256, false, __half)             \
+  X(256, false, __nv_bfloat16)
 
 template <int kDim, bool kPvFp8, typename OutT>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {

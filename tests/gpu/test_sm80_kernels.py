@@ -21,7 +21,7 @@ from comfy_sage.testing import make_qkv
 from comfy_sage.tiling import SM80
 
 MODES = (Mode.INT8_FP8, Mode.INT8_FP16)
-HEAD_DIMS = (64, 128, 40, 80, 96)
+HEAD_DIMS = (64, 128, 256, 40, 80, 96, 160)
 LENGTHS = ((1, 1), (77, 77), (1000, 1000), (4097, 4097), (300, 1000), (1000, 300))
 
 
