@@ -19,7 +19,7 @@ import torch
 
 from . import capability
 from .modes import Mode
-from .tiling import SM80, SM90, Tiling
+from .tiling import SM90, Tiling, sm80_tiling
 
 MIN_CC = (8, 0)  # Ampere: the first INT8 mma.sync with the m16n8k32 shape
 FP8_MIN_CC = (8, 9)  # Ada: the first FP8 tensor cores
@@ -29,7 +29,6 @@ NATIVE_HEAD_DIMS = (64, 128, 256)
 # head dims that are not a multiple of 8 fall back.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 HEAD_DIM_MULTIPLE = 8
-KERNEL_QK_BITS = (8,)  # INT4 kernels are a later milestone: INT4 requests run INT8 meanwhile
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -96,7 +95,6 @@ def kernel_family(cc: tuple[int, int]) -> str:
 
 # The wgmma kernel is a later milestone: until it lands, Hopper runs the mma.sync family.
 HOPPER_KERNEL = False
-_TILINGS = {"sm80": SM80, "sm90": SM90}
 
 
 def plan(
@@ -149,11 +147,9 @@ def _plan(
     if not status.loaded:
         return fallback(status.reason)
     mode, note = native_mode(mode, cc)
-    if mode.qk_bits not in KERNEL_QK_BITS:
-        mode = mode.with_qk_bits(8)
-        note = "; ".join(filter(None, [note, "the INT4 kernels are not built yet, so INT8 Q·Kᵀ runs instead"]))
     family = kernel_family(cc)
-    return Plan(requested, mode, KernelSpec(family, mode, _TILINGS[family]), None, note)
+    tiling = sm80_tiling(head_dim) if family == "sm80" else SM90
+    return Plan(requested, mode, KernelSpec(family, mode, tiling), None, note)
 
 
 def clear_cache() -> None:

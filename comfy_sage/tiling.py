@@ -42,7 +42,14 @@ class Tiling:
             raise ValueError(f"Tiling.block_k ({self.block_k}) must be a multiple of pv_k ({self.pv_k})")
 
 
-# mma.sync family (csrc/attention/params.h kSm80*): 8 warps of 16 Q rows, 64 keys per step.
+# mma.sync family (csrc/attention/params.h kSm80*): 8 warps of 16 Q rows, 64 keys per step; head dims
+# above 128 (padded to 256) use 4 warps, so their Q block, the unit of INT4 Q smoothing, is 64 rows.
 SM80 = Tiling(block_q=128, warp_q=16, block_k=64)
+SM80_WIDE = Tiling(block_q=64, warp_q=16, block_k=64)
 # wgmma family: warpgroups of 4 warps × 16 rows, 128 keys per step.
 SM90 = Tiling(block_q=128, warp_q=16, block_k=128)
+
+
+def sm80_tiling(head_dim: int) -> Tiling:
+    """The mma.sync family's tiling for a head dim (the kernel pads it to 64, 128 or 256)."""
+    return SM80_WIDE if head_dim > 128 else SM80

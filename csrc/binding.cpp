@@ -50,7 +50,7 @@ void check_input(const Tensor& x, const char* name, ScalarType dtype, int64_t de
 std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, bool pv_fp8,
                                      bool is_causal, double sm_scale, bool return_lse) {
   STD_TORCH_CHECK(layout == kLayoutHND || layout == kLayoutNHD, "layout must be 0 (HND) or 1 (NHD)");
-  STD_TORCH_CHECK(qk_bits == 8, "qk_bits must be 8 (INT4 kernels are not built yet)");
+  STD_TORCH_CHECK(qk_bits == 8 || qk_bits == 4, "qk_bits must be 8 or 4");
   const ScalarType dtype = q.scalar_type();
   STD_TORCH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, "q must be float16 or bfloat16");
   const int64_t device = q.get_device_index();
@@ -81,18 +81,25 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
 
   // One workspace for every quantized buffer.
   const int64_t bq = dq.b * dq.h, bkv = dk.b * dk.h;
+  const bool int4 = qk_bits == 4;
+  const int64_t q_blocks = s.padded_q / sm80_block_q(s.padded_dim), k_blocks = s.padded_kv / kSm80BlockK;
   const int64_t sizes[] = {
-      bq * s.padded_q * s.padded_dim,                                 // q int8
-      bq * (s.padded_q / kSm80WarpQ) * 8 * 4,                         // q_scale
-      bkv * s.padded_kv * s.padded_dim,                               // k int8
-      bkv * (s.padded_kv / kSm80BlockK) * 4 * 4,                      // k_scale
-      bkv * s.padded_dim * 4,                                         // k_sum
-      bkv * s.padded_kv * s.padded_dim * (pv_fp8 ? 1 : 2),            // v
-      bkv * s.padded_dim * 4,                                         // v_amax
-      return_lse ? bq * dq.n * 4 : 0,                                 // q·k̄
+      bq * s.padded_q * s.padded_dim * qk_bits / 8,         // q
+      bq * (s.padded_q / kSm80WarpQ) * 8 * 4,               // q_scale
+      bkv * s.padded_kv * s.padded_dim * qk_bits / 8,       // k
+      bkv * k_blocks * 4 * 4,                               // k_scale
+      bkv * s.padded_dim * 4,                               // k_sum
+      bkv * s.padded_kv * s.padded_dim * (pv_fp8 ? 1 : 2),  // v
+      bkv * s.padded_dim * 4,                               // v_amax
+      return_lse ? bq * dq.n * 4 : 0,                       // q·k̄
+      int4 ? bkv * s.padded_kv * s.padded_dim : 0,          // k8
+      int4 ? bkv * k_blocks * 4 * 4 : 0,                    // k8_scale
+      int4 ? bq * q_blocks * s.padded_dim : 0,              // q_mean
+      int4 ? bq * q_blocks * 4 : 0,                         // q_mean_scale
   };
-  int64_t offsets[8], total = 0;
-  for (int i = 0; i < 8; ++i) offsets[i] = total, total += round_up(sizes[i], kAlign);
+  constexpr int kBuffers = sizeof(sizes) / sizeof(sizes[0]);
+  int64_t offsets[kBuffers], total = 0;
+  for (int i = 0; i < kBuffers; ++i) offsets[i] = total, total += round_up(sizes[i], kAlign);
   Tensor workspace = torch::stable::new_empty(q, {total}, ScalarType::Byte);
   auto* base = static_cast<uint8_t*>(workspace.data_ptr());
 
@@ -112,6 +119,10 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.buf.v = base + offsets[5];
   a.buf.v_amax = reinterpret_cast<float*>(base + offsets[6]);
   a.buf.q_dot_kmean = return_lse ? reinterpret_cast<float*>(base + offsets[7]) : nullptr;
+  a.buf.k8 = int4 ? reinterpret_cast<int8_t*>(base + offsets[8]) : nullptr;
+  a.buf.k8_scale = int4 ? reinterpret_cast<float*>(base + offsets[9]) : nullptr;
+  a.buf.q_mean = int4 ? reinterpret_cast<int8_t*>(base + offsets[10]) : nullptr;
+  a.buf.q_mean_scale = int4 ? reinterpret_cast<float*>(base + offsets[11]) : nullptr;
   a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) : nullptr;
   a.sm_scale = static_cast<float>(sm_scale);
   a.causal = is_causal;

@@ -17,7 +17,7 @@ import torch
 from comfy_sage import capability, dispatch
 from comfy_sage.capability import KernelStatus
 from comfy_sage.modes import QUANTIZED_MODES, Mode
-from comfy_sage.tiling import SM80
+from comfy_sage.tiling import SM80, SM80_WIDE, SM90
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
 
@@ -30,11 +30,9 @@ NOT_LOADED = KernelStatus(False, "this install has no compiled kernels (pure-Pyt
 def gpu(monkeypatch):
     """Pretend to be a CUDA GPU of the given compute capability, with the given kernel status."""
 
-    def fake(cc: tuple[int, int], status: KernelStatus = LOADED, qk_bits: tuple[int, ...] = (8, 4)) -> None:
+    def fake(cc: tuple[int, int], status: KernelStatus = LOADED) -> None:
         monkeypatch.setattr(capability, "device_capability", lambda device: cc if device.type == "cuda" else None)
         monkeypatch.setattr(capability, "kernel_status", lambda: status)
-        # The hardware table assumes every kernel is built; `qk_bits` says which Q·Kᵀ widths are.
-        monkeypatch.setattr(dispatch, "KERNEL_QK_BITS", qk_bits, raising=False)
         dispatch.clear_cache()
 
     return fake
@@ -122,19 +120,6 @@ def test_int4_native_on_ampere_and_ada(gpu, cc):
     gpu(cc)
     p = plan(Mode.INT4_FP16)
     assert p.mode is Mode.INT4_FP16 and p.kernel.mode is Mode.INT4_FP16 and p.note is None
-
-
-def test_int4_requests_run_int8_until_the_int4_kernels_are_built(gpu):
-    if not hasattr(dispatch, "KERNEL_QK_BITS"):
-        pytest.skip("this dispatch has no KERNEL_QK_BITS: every Q·Kᵀ width is built")
-    gpu((8, 9), qk_bits=(8,))
-    p = plan(Mode.INT4_FP8)
-    assert not p.fallback and p.mode is Mode.INT8_FP8 and p.kernel.mode is Mode.INT8_FP8
-    assert "INT4" in p.note and "INT8" in p.note
-    gpu((8, 0), qk_bits=(8,))
-    p = plan(Mode.INT4_FP8)  # both substitutions, both said
-    assert p.mode is Mode.INT8_FP16
-    assert "no FP8 tensor cores" in p.note and "INT4" in p.note
 
 
 def test_int4_fp8_native_only_on_ada(gpu):
@@ -269,13 +254,19 @@ def test_plan_does_not_reload_the_extension(gpu, monkeypatch):
     assert len(calls) == 1
 
 
+def test_tiling_follows_the_head_dim(gpu):
+    gpu((8, 9))
+    assert plan(head_dim=128).kernel.tiling == SM80
+    assert plan(head_dim=160).kernel.tiling == SM80_WIDE  # padded to 256: 64-row Q blocks
+
+
 def test_hopper_uses_the_mma_sync_family_until_wgmma_lands(gpu, monkeypatch):
     gpu((9, 0))
     assert plan("int8_fp8").kernel.family == "sm80"
     monkeypatch.setattr(dispatch, "HOPPER_KERNEL", True)
     dispatch.clear_cache()
     kernel = plan("int8_fp8").kernel
-    assert kernel.family == "sm90" and kernel.tiling == dispatch._TILINGS["sm90"]
+    assert kernel.family == "sm90" and kernel.tiling == SM90
     gpu((12, 0))
     assert plan("int8_fp8").kernel.family == "sm80"  # consumer Blackwell is mma.sync either way
 

@@ -6,10 +6,12 @@
 
 namespace comfy_sage {
 
-// The mma.sync family's tile (comfy_sage/tiling.py SM80 mirrors it): 8 warps of 16 Q rows, 64 keys a step.
+// The mma.sync family's tile (comfy_sage/tiling.py SM80 mirrors it): 8 warps of 16 Q rows, 64 keys a step;
+// head dim 256 uses half the Q block (sm80_block_q).
 constexpr int kSm80BlockQ = 128;
 constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
+constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
@@ -30,8 +32,13 @@ struct Shape {
 struct QuantBuffers {
   int8_t* q;        // [B, Hq, padded_q, padded_dim]  (INT8; INT4 packs two per byte, half the width)
   float* q_scale;   // [B, Hq, padded_q / warp_q, 8]  (sm_scale·log2 e folded in)
-  int8_t* k;        // [B, Hkv, padded_kv, padded_dim]
+  int8_t* k;        // [B, Hkv, padded_kv, padded_dim]  (INT4: half the width)
   float* k_scale;   // [B, Hkv, padded_kv / block_k, 4]
+  // INT4 only, for Q smoothing's ΔS = q̄·K'ᵀ: K' in INT8 with the same groups, and q̄ per Q block in INT8.
+  int8_t* k8;            // [B, Hkv, padded_kv, padded_dim]
+  float* k8_scale;       // [B, Hkv, padded_kv / block_k, 4]
+  int8_t* q_mean;        // [B, Hq, padded_q / block_q, padded_dim]
+  float* q_mean_scale;   // [B, Hq, padded_q / block_q]  (sm_scale·log2 e folded in)
   float* k_sum;     // [B, Hkv, padded_dim]  (Σ over tokens; the mean is k_sum / seq_kv)
   void* v;          // FP8: [B, Hkv, padded_dim, padded_kv] e4m3, tokens permuted in groups of 16;
                     // FP16: [B, Hkv, padded_kv, padded_dim] half
@@ -47,7 +54,7 @@ struct AttentionArgs {
   float* lse;  // [B, Hq, seq_q] or null
   float sm_scale;
   bool causal;
-  int qk_bits;  // 8 (4 is a later milestone)
+  int qk_bits;  // 8 or 4
   bool pv_fp8;
 };
 

@@ -27,9 +27,30 @@ __device__ __forceinline__ float inv_scale(float amax, float qmax) {
   return amax > 0.f ? fminf(qmax / amax, kFloatMax) : 0.f;
 }
 
-__device__ __forceinline__ int8_t to_int8(float x, float inv) {
-  const int q = __float2int_rn(x * inv);
-  return static_cast<int8_t>(max(-127, min(127, q)));
+template <int kQMax>
+__device__ __forceinline__ int quantize(float x, float inv) {
+  return max(-kQMax, min(kQMax, __float2int_rn(x * inv)));
+}
+
+// Eight values as INT8 (8 bytes) or INT4 (4 bytes: value 2j in the low nibble of byte j, 2j+1 in the high).
+template <int kBits>
+__device__ __forceinline__ void store_packed(int8_t* dst, const float (&x)[8], float inv) {
+  if constexpr (kBits == 8) {
+    uint32_t w[2] = {0u, 0u};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w[e / 4] |= static_cast<uint32_t>(quantize<127>(x[e], inv) & 0xff) << (8 * (e % 4));
+    *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+  } else {
+    uint32_t w = 0u;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) w |= static_cast<uint32_t>(quantize<7>(x[e], inv) & 0xf) << (4 * e);
+    *reinterpret_cast<uint32_t*>(dst) = w;
+  }
+}
+
+template <int kBits>
+constexpr float qmax() {
+  return kBits == 8 ? kInt8Max : kInt4Max;
 }
 
 // Position of token j (0..15) inside its 16-token group in the FP8 V layout. The m16n8k32 A fragment of
@@ -80,7 +101,7 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
   }
 }
 
-template <typename T, int kDim, int kBlockK>
+template <typename T, int kDim, int kBlockK, int kBits>
 __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   constexpr int kVecs = kDim / 8;                               // 8-channel vectors per token
   constexpr int kPerThread = kBlockK * kVecs / kThreads;        // vectors each thread quantizes
@@ -120,19 +141,17 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   __syncthreads();
   const int num_blocks = s.padded_kv / kBlockK;
   if (threadIdx.x < kColGroups) {
-    a.buf.k_scale[(bh * num_blocks + blockIdx.x) * kColGroups + threadIdx.x] = group_amax[threadIdx.x] / kInt8Max;
+    const int64_t at = (static_cast<int64_t>(bh) * num_blocks + blockIdx.x) * kColGroups + threadIdx.x;
+    a.buf.k_scale[at] = group_amax[threadIdx.x] / qmax<kBits>();
+    if (kBits == 4) a.buf.k8_scale[at] = group_amax[threadIdx.x] / kInt8Max;
   }
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
-    const float inv = inv_scale(group_amax[(tok % kRowGroups) / (kRowGroups / kColGroups)], kInt8Max);
-    uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      packed[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(to_int8(x[i][e], inv))) << (8 * (e % 4));
-    }
-    *reinterpret_cast<uint2*>(a.buf.k + (static_cast<int64_t>(bh) * s.padded_kv + t0 + tok) * kDim + cv * 8) =
-        make_uint2(packed[0], packed[1]);
+    const float amax = group_amax[(tok % kRowGroups) / (kRowGroups / kColGroups)];
+    const int64_t row = static_cast<int64_t>(bh) * s.padded_kv + t0 + tok;
+    store_packed<kBits>(a.buf.k + row * (kDim * kBits / 8) + cv * kBits, x[i], inv_scale(amax, qmax<kBits>()));
+    if constexpr (kBits == 4) store_packed<8>(a.buf.k8 + row * kDim + cv * 8, x[i], inv_scale(amax, kInt8Max));
   }
 
   // V: FP8 per channel (transposed, permuted) or FP16 row-major.
@@ -178,20 +197,23 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   }
 }
 
-template <typename T, int kDim, int kWarpQ>
-__global__ void __launch_bounds__(128) quant_q_kernel(AttentionArgs a) {
+// One CTA of kWarps warps, each owning a 16-row slice: lane (g, quad) holds rows g and g+8 and every
+// fourth 8-channel vector. With kBits == 4 the CTA is one Q block (the attention kernel's block_q rows):
+// its mean q̄ over the valid rows is subtracted first (Q smoothing) and written in INT8 for ΔS.
+template <typename T, int kDim, int kWarpQ, int kBits, int kWarps>
+__global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArgs a) {
   static_assert(kWarpQ == 16, "one lane quad per row pair: rows g and g+8 of a 16-row warp slice");
   constexpr int kVecsPerLane = kDim / 8 / 4;  // the 4 lanes of a quad split a row's vectors
+  constexpr bool kSmooth = kBits == 4;
   const Shape& s = a.shape;
   const int bh = blockIdx.y, b = bh / s.heads_q, h = bh % s.heads_q;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int slice = blockIdx.x * 4 + warp;
+  const int slice = blockIdx.x * kWarps + warp;
   const int g = lane / 4, quad = lane % 4;
   const int rows[2] = {slice * kWarpQ + g, slice * kWarpQ + g + 8};
   const float sm_scale_log2 = a.sm_scale * kLog2e;
 
   float x[2][kVecsPerLane][8];
-  float amax = 0.f;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
@@ -204,31 +226,10 @@ __global__ void __launch_bounds__(128) quant_q_kernel(AttentionArgs a) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) x[r][i][e] = 0.f;
       }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[r][i][e]));
     }
   }
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-  const float inv = inv_scale(amax, kInt8Max);
-  if (quad == 0) {
-    a.buf.q_scale[(static_cast<int64_t>(bh) * (s.padded_q / kWarpQ) + slice) * kRowGroups + g] =
-        amax / kInt8Max * sm_scale_log2;
-  }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int i = 0; i < kVecsPerLane; ++i) {
-      uint32_t packed[2] = {0u, 0u};
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        packed[e / 4] |= static_cast<uint32_t>(static_cast<uint8_t>(to_int8(x[r][i][e], inv))) << (8 * (e % 4));
-      }
-      *reinterpret_cast<uint2*>(a.buf.q + (static_cast<int64_t>(bh) * s.padded_q + rows[r]) * kDim +
-                                (quad + 4 * i) * 8) = make_uint2(packed[0], packed[1]);
-    }
-  }
-  if (a.buf.q_dot_kmean != nullptr) {
+
+  if (a.buf.q_dot_kmean != nullptr) {  // q·k̄ of the unsmoothed rows, for the LSE
     const int hkv = h / (s.heads_q / s.heads_kv);
     const float* k_sum = a.buf.k_sum + (b * s.heads_kv + hkv) * s.padded_dim;
     const float inv_n = s.seq_kv > 0 ? 1.f / static_cast<float>(s.seq_kv) : 0.f;
@@ -246,6 +247,72 @@ __global__ void __launch_bounds__(128) quant_q_kernel(AttentionArgs a) {
       if (quad == 0 && rows[r] < s.seq_q) a.buf.q_dot_kmean[static_cast<int64_t>(bh) * s.seq_q + rows[r]] = dot;
     }
   }
+
+  if constexpr (kSmooth) {
+    __shared__ float q_sum[kDim];
+    __shared__ float mean_amax;
+    for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) q_sum[c] = 0.f;
+    if (threadIdx.x == 0) mean_amax = 0.f;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kVecsPerLane; ++i) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        float v = x[0][i][e] + x[1][i][e];  // padded rows hold zeros
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        if (g == 0) atomicAdd(&q_sum[(quad + 4 * i) * 8 + e], v);
+      }
+    }
+    __syncthreads();
+    const int q0 = blockIdx.x * kWarps * kWarpQ;
+    const float inv_rows = 1.f / static_cast<float>(max(1, min(kWarps * kWarpQ, s.seq_q - q0)));
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (rows[r] >= s.seq_q) continue;  // padded rows stay zero
+#pragma unroll
+      for (int i = 0; i < kVecsPerLane; ++i) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) x[r][i][e] -= q_sum[(quad + 4 * i) * 8 + e] * inv_rows;
+      }
+    }
+    // q̄ in INT8, one scale for the block: the A operand of the attention kernel's ΔS mma.
+    for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) atomic_max_nonneg(&mean_amax, fabsf(q_sum[c] * inv_rows));
+    __syncthreads();
+    const int64_t qb = static_cast<int64_t>(bh) * gridDim.x + blockIdx.x;
+    const float mean_inv = inv_scale(mean_amax, kInt8Max);
+    for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) {
+      a.buf.q_mean[qb * kDim + c] = static_cast<int8_t>(quantize<127>(q_sum[c] * inv_rows, mean_inv));
+    }
+    if (threadIdx.x == 0) a.buf.q_mean_scale[qb] = mean_amax / kInt8Max * sm_scale_log2;
+  }
+
+  float amax = 0.f;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int i = 0; i < kVecsPerLane; ++i) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[r][i][e]));
+    }
+  }
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  const float inv = inv_scale(amax, qmax<kBits>());
+  if (quad == 0) {
+    a.buf.q_scale[(static_cast<int64_t>(bh) * (s.padded_q / kWarpQ) + slice) * kRowGroups + g] =
+        amax / qmax<kBits>() * sm_scale_log2;
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+#pragma unroll
+    for (int i = 0; i < kVecsPerLane; ++i) {
+      store_packed<kBits>(a.buf.q + (static_cast<int64_t>(bh) * s.padded_q + rows[r]) * (kDim * kBits / 8) +
+                              (quad + 4 * i) * kBits,
+                          x[r][i], inv);
+    }
+  }
 }
 
 template <typename T, int kDim>
@@ -256,8 +323,15 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
     kv_stats_kernel<T><<<dim3((s.seq_kv + kStatsTokensPerCta - 1) / kStatsTokensPerCta, bh_kv), kThreads, 0,
                          stream>>>(a);
   }
-  quant_kv_kernel<T, kDim, kSm80BlockK><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
-  quant_q_kernel<T, kDim, kSm80WarpQ><<<dim3(s.padded_q / 64, bh_q), 128, 0, stream>>>(a);
+  if (a.qk_bits == 8) {
+    quant_kv_kernel<T, kDim, kSm80BlockK, 8><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
+    quant_q_kernel<T, kDim, kSm80WarpQ, 8, 4><<<dim3(s.padded_q / 64, bh_q), 128, 0, stream>>>(a);
+  } else {  // INT4: the Q CTA is the attention kernel's Q block, whose mean Q smoothing removes
+    constexpr int kBlockQ = sm80_block_q(kDim), kWarps = kBlockQ / kSm80WarpQ;
+    quant_kv_kernel<T, kDim, kSm80BlockK, 4><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
+    quant_q_kernel<T, kDim, kSm80WarpQ, 4, kWarps>
+        <<<dim3(s.padded_q / kBlockQ, bh_q), kWarps * kWarpSize, 0, stream>>>(a);
+  }
 }
 
 }  // namespace

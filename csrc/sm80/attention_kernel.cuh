@@ -2,8 +2,9 @@
 //
 // One CTA = one (batch, q head, block of kSm80BlockQ = 128 query rows); 8 warps, each owning 16 rows.
 // Per K block of kSm80BlockK = 64 keys (double-buffered with cp.async):
-//   S = Q̂·K̂ᵀ on INT8 tensor cores (m16n8k32), dequantized with one multiply: every element a lane holds
-//   shares one Q scale (its rows g, g+8) and one K scale (its columns 2t, 2t+1 of each n-tile);
+//   S = Q̂·K̂ᵀ on INT8 (m16n8k32) or INT4 (m16n8k64) tensor cores, dequantized with one multiply: every
+//   element a lane holds shares one Q scale (its rows g, g+8) and one K scale (its columns 2t, 2t+1 of
+//   each n-tile); INT4 adds Q smoothing's ΔS = q̄·K'ᵀ (one row per CTA, see below);
 //   masking (key padding, bottom-right causal), online softmax in base 2 (softmax.cuh);
 //   O += P̃·V: FP8 (m16n8k32, P̃ packed straight from the S registers thanks to V's token permutation, each
 //   block's product in a fresh accumulator added into fp32: the two-level accumulation) or FP16
@@ -11,6 +12,12 @@
 // Epilogue: O / l (· δV per channel for FP8), rows that saw no key written as 0, optional LSE.
 //
 // Shared memory rows are padded by 16 bytes so the 8 row addresses of every ldmatrix hit distinct banks.
+//
+// INT4 Q smoothing: Q' = Q − q̄ per Q block (the CTA's rows), so S = Q̂'·K̂ᵀ + ΔS with ΔS = q̄·K'ᵀ, one value
+// per key for the whole CTA. It is computed per K block on INT8 tensor cores from q̄ in INT8 (one scale per
+// block) and K' in INT8 (the same per-thread groups as the INT4 K): an A fragment whose 16 rows all hold q̄
+// gives every lane ΔS for exactly its own columns. Warp w computes n-tile w and shares it through shared
+// memory. Using INT8 K' here, not the INT4 one, is what keeps K's INT4 error from meeting q̄'s outliers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,23 +30,27 @@
 
 namespace comfy_sage {
 
-template <int kDim, bool kPvFp8, typename OutT>
+template <int kQkBits, int kDim, bool kPvFp8>
 struct Sm80Traits {
   // Head dim 256 halves the Q block (4 warps) so the tiles still fit 99 KB of shared memory.
-  static constexpr int kBlockQ = kDim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ;
+  static constexpr int kBlockQ = sm80_block_q(kDim);
   static constexpr int kWarpQ = kSm80WarpQ, kBlockK = kSm80BlockK;
   static constexpr int kWarps = kBlockQ / kWarpQ;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kPad = 16;
-  static constexpr int kQkRow = kDim + kPad;                               // bytes per Q/K smem row (INT8)
+  static constexpr int kQkBytes = kDim * kQkBits / 8;                      // bytes of a quantized Q/K row
+  static constexpr int kQkRow = kQkBytes + kPad;                           // bytes per Q/K smem row
+  static constexpr bool kSmoothQ = kQkBits == 4;                           // INT4 needs Q smoothing
+  static constexpr int kK8Row = kDim + kPad;                               // INT8 K' row (ΔS), INT4 only
   static constexpr int kVRow = kPvFp8 ? kBlockK + kPad : 2 * kDim + kPad;  // FP8: a channel; FP16: a token
   static constexpr int kVRows = kPvFp8 ? kDim : kBlockK;
   static constexpr int kQBytes = kBlockQ * kQkRow;
-  static constexpr int kKBytes = kBlockK * kQkRow;
+  static constexpr int kKBytes = kBlockK * kQkRow + (kSmoothQ ? kBlockK * kK8Row : 0);
   static constexpr int kVBytes = kVRows * kVRow;
   // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256, FP16 V) one stage.
-  static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes) <= 99 * 1024 ? 2 : 1;
-  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes);
+  static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes) + kBlockK * 4 <= 99 * 1024 ? 2 : 1;
+  static constexpr int kDeltaBytes = kSmoothQ ? kBlockK * 4 : 0;  // ΔS of the current K block
+  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + kDeltaBytes;
   static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
   static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
   // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed,
@@ -54,26 +65,29 @@ struct Sm80Traits {
 };
 
 // Copies a kRows × kRowBytes tile (source rows `src_stride` bytes apart) into shared memory rows kDstRow
-// bytes apart, 16 bytes per cp.async, the same number of copies for every thread.
+// bytes apart, 16 bytes per cp.async (a tile smaller than one copy per thread leaves the rest idle).
 template <int kRows, int kRowBytes, int kDstRow, int kThreads>
 __device__ __forceinline__ void load_tile(uint8_t* dst, const uint8_t* src, int64_t src_stride) {
-  constexpr int kChunks = kRowBytes / 16;
-  static_assert(kRows * kChunks % kThreads == 0, "the tile must split evenly over the threads");
+  constexpr int kChunks = kRowBytes / 16, kTotal = kRows * kChunks;
+  static_assert(kTotal % kThreads == 0 || kTotal < kThreads, "the tile must split evenly over the threads");
 #pragma unroll
-  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
     const int idx = threadIdx.x + i * kThreads, r = idx / kChunks, c = idx % kChunks;
-    cp_async_16(smem_addr(dst + r * kDstRow + c * 16), src + r * src_stride + c * 16);
+    if (kTotal >= kThreads || idx < kTotal) cp_async_16(smem_addr(dst + r * kDstRow + c * 16), src + r * src_stride + c * 16);
   }
 }
 
-template <int kDim, bool kPvFp8, typename OutT>
-__global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80Traits<kDim, kPvFp8, OutT>::kMinBlocks)
+template <int kQkBits, int kDim, bool kPvFp8>
+__global__ void __launch_bounds__(Sm80Traits<kQkBits, kDim, kPvFp8>::kThreads,
+                                  Sm80Traits<kQkBits, kDim, kPvFp8>::kMinBlocks)
     sm80_attention_kernel(const AttentionArgs a) {
-  using Tr = Sm80Traits<kDim, kPvFp8, OutT>;
+  using Tr = Sm80Traits<kQkBits, kDim, kPvFp8>;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* s_q = smem;
   auto s_k = [&](int stage) { return smem + Tr::kQBytes + stage * Tr::kKBytes; };
+  auto s_k8 = [&](int stage) { return s_k(stage) + Tr::kBlockK * Tr::kQkRow; };  // INT4 only
   auto s_v = [&](int stage) { return smem + Tr::kQBytes + Tr::kStages * Tr::kKBytes + stage * Tr::kVBytes; };
+  float* s_delta = reinterpret_cast<float*>(smem + Tr::kQBytes + Tr::kStages * (Tr::kKBytes + Tr::kVBytes));
 
   const Shape& s = a.shape;
   const int num_q_blocks = s.padded_q / Tr::kBlockQ;
@@ -93,15 +107,20 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
     num_k_blocks = last_key < 0 ? 0 : min(num_k_blocks, last_key / Tr::kBlockK + 1);
   }
 
-  const int8_t* gq = a.buf.q + (static_cast<int64_t>(bhq) * s.padded_q + q0) * kDim;
-  const int8_t* gk = a.buf.k + static_cast<int64_t>(bhkv) * s.padded_kv * kDim;
+  const int8_t* gq = a.buf.q + (static_cast<int64_t>(bhq) * s.padded_q + q0) * Tr::kQkBytes;
+  const int8_t* gk = a.buf.k + static_cast<int64_t>(bhkv) * s.padded_kv * Tr::kQkBytes;
+  const int8_t* gk8 = a.buf.k8 + static_cast<int64_t>(bhkv) * s.padded_kv * kDim;  // INT4 only
   const uint8_t* gv = static_cast<const uint8_t*>(a.buf.v) +
                       static_cast<int64_t>(bhkv) * s.padded_kv * kDim * (kPvFp8 ? 1 : 2);
 
   // ---- loads ----
   auto load_kv = [&](int kb, int stage) {
-    load_tile<Tr::kBlockK, kDim, Tr::kQkRow, Tr::kThreads>(
-        s_k(stage), reinterpret_cast<const uint8_t*>(gk) + kb * Tr::kBlockK * kDim, kDim);
+    load_tile<Tr::kBlockK, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads>(
+        s_k(stage), reinterpret_cast<const uint8_t*>(gk) + kb * Tr::kBlockK * Tr::kQkBytes, Tr::kQkBytes);
+    if constexpr (Tr::kSmoothQ) {
+      load_tile<Tr::kBlockK, kDim, Tr::kK8Row, Tr::kThreads>(
+          s_k8(stage), reinterpret_cast<const uint8_t*>(gk8) + kb * Tr::kBlockK * kDim, kDim);
+    }
     if constexpr (kPvFp8) {  // V^T: kDim channel rows of kBlockK bytes, row stride padded_kv
       load_tile<kDim, Tr::kBlockK, Tr::kVRow, Tr::kThreads>(s_v(stage), gv + kb * Tr::kBlockK, s.padded_kv);
     } else {  // V: kBlockK token rows of 2·kDim bytes
@@ -109,13 +128,26 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
           s_v(stage), gv + static_cast<int64_t>(kb) * Tr::kBlockK * kDim * 2, 2 * kDim);
     }
   };
-  load_tile<Tr::kBlockQ, kDim, Tr::kQkRow, Tr::kThreads>(s_q, reinterpret_cast<const uint8_t*>(gq), kDim);
+  load_tile<Tr::kBlockQ, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads>(s_q, reinterpret_cast<const uint8_t*>(gq),
+                                                                  Tr::kQkBytes);
   if (num_k_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
   const float q_scale =
       a.buf.q_scale[(static_cast<int64_t>(bhq) * (s.padded_q / Tr::kWarpQ) + q0 / Tr::kWarpQ + warp) * kRowGroups + g];
   const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
+
+  // INT4: q̄ in INT8 as the A fragment of an mma whose 16 rows all hold q̄ (a0 = a1, a2 = a3).
+  uint32_t qm[Tr::kSmoothQ ? kDim / 32 : 1][2] = {};
+  float qm_scale = 0.f;
+  if constexpr (Tr::kSmoothQ) {
+    const int64_t qb = static_cast<int64_t>(bhq) * (s.padded_q / Tr::kBlockQ) + q_block;
+    const uint32_t* mean8 = reinterpret_cast<const uint32_t*>(a.buf.q_mean + qb * kDim);
+#pragma unroll
+    for (int kk = 0; kk < kDim / 32; ++kk) qm[kk][0] = mean8[kk * 8 + t], qm[kk][1] = mean8[kk * 8 + 4 + t];
+    qm_scale = a.buf.q_mean_scale[qb];
+  }
+  const float* k8_scales = a.buf.k8_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
 
   float o[Tr::kOTiles][4] = {};
   OnlineSoftmax<Tr::kSTiles> softmax;
@@ -136,7 +168,7 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
     // S = Q̂·K̂ᵀ (Q fragments re-read from shared memory each block: registers are the scarcer resource)
     int32_t acc[Tr::kSTiles][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < kDim / 32; ++kk) {
+    for (int kk = 0; kk < Tr::kQkBytes / 32; ++kk) {  // 32 bytes: k = 32 INT8 or 64 INT4 values
       uint32_t qa[4];
       ldmatrix_x4(qa, q_frag + kk * 32);
 #pragma unroll
@@ -144,9 +176,34 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
         uint32_t kf[4];
         const int m = lane / 8;
         ldmatrix_x4(kf, smem_addr(s_k(stage) + (16 * p + (m / 2) * 8 + (lane & 7)) * Tr::kQkRow + kk * 32 + (m & 1) * 16));
-        mma_s8(acc[2 * p], qa, kf[0], kf[1]);
-        mma_s8(acc[2 * p + 1], qa, kf[2], kf[3]);
+        if constexpr (kQkBits == 8) {
+          mma_s8(acc[2 * p], qa, kf[0], kf[1]);
+          mma_s8(acc[2 * p + 1], qa, kf[2], kf[3]);
+        } else {
+          mma_s4(acc[2 * p], qa, kf[0], kf[1]);
+          mma_s4(acc[2 * p + 1], qa, kf[2], kf[3]);
+        }
       }
+    }
+    if constexpr (Tr::kSmoothQ) {  // ΔS = q̄·K'ᵀ for this block's keys, into shared memory
+      const float k8_scale = k8_scales[kb * kColGroups + t];
+      for (int n = warp; n < Tr::kSTiles; n += Tr::kWarps) {
+        int32_t d[4] = {};
+#pragma unroll
+        for (int kk = 0; kk < kDim / 32; kk += 2) {
+          uint32_t kf[4];  // keys 8n..8n+7; bytes kk*32.. (b0, b1) and (kk+1)*32.. (b0, b1)
+          ldmatrix_x4(kf, smem_addr(s_k8(stage) + (8 * n + (lane & 7)) * Tr::kK8Row + kk * 32 + (lane >> 3) * 16));
+          const uint32_t q0a[4] = {qm[kk][0], qm[kk][0], qm[kk][1], qm[kk][1]};
+          const uint32_t q1a[4] = {qm[kk + 1][0], qm[kk + 1][0], qm[kk + 1][1], qm[kk + 1][1]};
+          mma_s8(d, q0a, kf[0], kf[1]);
+          mma_s8(d, q1a, kf[2], kf[3]);
+        }
+        if (g == 0) {
+          s_delta[8 * n + 2 * t] = static_cast<float>(d[0]) * qm_scale * k8_scale;
+          s_delta[8 * n + 2 * t + 1] = static_cast<float>(d[1]) * qm_scale * k8_scale;
+        }
+      }
+      __syncthreads();
     }
 
     // Dequantize (one scale per lane) and mask. The scale is kept positive so that masked -inf stays -inf.
@@ -157,7 +214,10 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
 #pragma unroll
     for (int n = 0; n < Tr::kSTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sf[n][e] = static_cast<float>(acc[n][e]);
+      for (int e = 0; e < 4; ++e) {
+        sf[n][e] = Tr::kSmoothQ ? fmaf(static_cast<float>(acc[n][e]), scale, s_delta[8 * n + 2 * t + (e & 1)])
+                                : static_cast<float>(acc[n][e]);
+      }
     }
     if (needs_mask) {
 #pragma unroll
@@ -171,7 +231,7 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
       }
     }
 
-    softmax.step(sf, o, scale, kExpOffset);
+    softmax.step(sf, o, Tr::kSmoothQ ? 1.f : scale, kExpOffset);  // INT4 scores are already scaled
 
     // O += P̃·V
     if constexpr (kPvFp8) {
@@ -227,8 +287,9 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
     const int row = q0 + warp * Tr::kWarpQ + g + half * 8;
     if (row >= s.seq_q) continue;
     const float inv_l = softmax.l[half] > 0.f ? __frcp_rn(softmax.l[half]) : 0.f;
-    OutT* out = static_cast<OutT*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
-                static_cast<int64_t>(row) * a.out.token_stride;
+    // fp16 and bf16 are both 2 bytes: one pointer, the conversion chosen at run time (not a template axis).
+    uint16_t* out = static_cast<uint16_t*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
+                    static_cast<int64_t>(row) * a.out.token_stride;
 #pragma unroll
     for (int n = 0; n < Tr::kOTiles; ++n) {
       const int col = n * 8 + 2 * t;
@@ -238,7 +299,9 @@ __global__ void __launch_bounds__(Sm80Traits<kDim, kPvFp8, OutT>::kThreads, Sm80
         x0 *= v_amax[col] * (1.f / kFp8Max);
         x1 *= v_amax[col + 1] * (1.f / kFp8Max);
       }
-      *reinterpret_cast<uint32_t*>(out + col) = Elem<OutT>::from_float2(x0, x1);
+      *reinterpret_cast<uint32_t*>(out + col) = a.dtype == DType::kBFloat16
+                                                     ? Elem<__nv_bfloat16>::from_float2(x0, x1)
+                                                     : Elem<__half>::from_float2(x0, x1);
     }
     if (a.lse != nullptr && t == 0) {
       float lse = softmax.lse(half, kExpOffset);

@@ -18,7 +18,7 @@ import comfy_sage
 from comfy_sage import dispatch, reference
 from comfy_sage.modes import Mode
 from comfy_sage.testing import make_qkv
-from comfy_sage.tiling import SM80
+from comfy_sage.tiling import SM80, sm80_tiling
 
 MODES = (Mode.INT8_FP8, Mode.INT8_FP16)
 HEAD_DIMS = (64, 128, 256, 40, 80, 96, 160)
@@ -38,12 +38,12 @@ def _inputs(seed, *, heads_q, heads_kv, nq, nkv, d, dtype, layout, kind="normal"
     return q, k, v
 
 
-def _poisoned(fn, like: torch.Tensor):
+def _poisoned(like: torch.Tensor, fn, *args, **kwargs):
     """Call `fn` after freeing a NaN-filled block the size of its output; (result, whether it reused it)."""
     poison = torch.full_like(like, math.nan)
     ptr = poison.data_ptr()
     del poison
-    result = fn()
+    result = fn(*args, **kwargs)
     out = result[0] if isinstance(result, tuple) else result
     return result, out.data_ptr() == ptr
 
@@ -68,7 +68,7 @@ def _check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal")
     plan = dispatch.plan(mode, q.device, d, dtype, False)
     assert not plan.fallback, plan.reason
     (out, lse), reused = _poisoned(
-        lambda: comfy_sage.sageattn(q, k, v, mode=mode, is_causal=causal, tensor_layout=layout, return_lse=True), q
+        q, comfy_sage.sageattn, q, k, v, mode=mode, is_causal=causal, tensor_layout=layout, return_lse=True
     )
     where = f"seed {seed}, {mode.value} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
     assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
@@ -76,7 +76,7 @@ def _check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal")
     assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
     truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
     ref, ref_lse = reference.sageattn(
-        q, k, v, mode=plan.mode, tensor_layout=layout, is_causal=causal, tiling=SM80, return_lse=True
+        q, k, v, mode=plan.mode, tensor_layout=layout, is_causal=causal, tiling=plan.kernel.tiling, return_lse=True
     )
     err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
     assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
@@ -183,3 +183,52 @@ def test_cuda_graph_capture():
     torch.cuda.current_stream().wait_stream(side)
     graph.replay()
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def _int4_call(q, k, v, layout, pv_fp8, causal):
+    """The INT4 kernel directly: on an H100 the dispatcher sends INT4 requests to INT8 (INT4 is emulated)."""
+    code = 0 if layout == "HND" else 1
+    return torch.ops.comfy_sage.attention(q, k, v, code, 4, pv_fp8, causal, q.shape[-1] ** -0.5, True)
+
+
+@pytest.mark.parametrize("pv_fp8", (True, False), ids=("fp8", "fp16"))
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("nq,nkv", LENGTHS, ids=lambda x: str(x))
+def test_int4_matrix(pv_fp8, causal, nq, nkv):
+    """INT4 Q·Kᵀ with Q smoothing against the reference int4 modes (same tiling), across head dims and layouts."""
+    mode = Mode.INT4_FP8 if pv_fp8 else Mode.INT4_FP16
+    for i, (d, layout) in enumerate(itertools.product(HEAD_DIMS, ("HND", "NHD"))):
+        gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
+        kind = ("normal", "biased")[(i // 4) % 2]
+        seed = _seed()
+        q, k, v = _inputs(seed, heads_q=2 * gqa, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, kind=kind)
+        where = f"seed {seed}, {mode.value} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
+        (out, lse), reused = _poisoned(q, _int4_call, q, k, v, layout, pv_fp8, causal)
+        assert reused, where
+        assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+        truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
+        ref, ref_lse = reference.sageattn(
+            q, k, v, mode=mode, tensor_layout=layout, is_causal=causal, tiling=sm80_tiling(d), return_lse=True
+        )
+        err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
+        assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
+        seen = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), seen), where
+        true_lse = _exact_lse(q, k, layout, causal)
+        lse_err = (lse[seen].double() - true_lse[seen]).abs().mean()
+        ref_lse_err = (ref_lse[seen].double() - true_lse[seen]).abs().mean()
+        assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs {ref_lse_err:.5f} ({where})"
+
+
+@pytest.mark.parametrize("pv_fp8", (True, False), ids=("fp8", "fp16"))
+def test_int4_q_smoothing_pays_in_the_kernel(pv_fp8):
+    """On biased inputs the INT4 kernel (Q+K smoothing) beats INT4 with K smoothing only by a clear margin."""
+    mode = Mode.INT4_FP8 if pv_fp8 else Mode.INT4_FP16
+    q, k, v = _inputs(_seed(), heads_q=8, heads_kv=8, nq=2048, nkv=2048, d=128, dtype=torch.bfloat16,
+                      layout="HND", kind="biased")  # fmt: skip
+    truth = reference.exact.attention(q, k, v)
+    kernel = reference.accuracy(_int4_call(q, k, v, "HND", pv_fp8, False)[0], truth)
+    k_only = reference.accuracy(reference.sageattn(q, k, v, mode=mode, tiling=SM80, smooth_q=False), truth)
+    print(f"{mode.value} biased: kernel (Q+K smoothing) {kernel}; reference K-only {k_only}")
+    assert kernel["rel_l1"] < 0.85 * k_only["rel_l1"], (kernel, k_only)
+    assert kernel["cos_sim"] > k_only["cos_sim"] + 0.01, (kernel, k_only)
