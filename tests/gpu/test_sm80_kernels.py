@@ -60,6 +60,22 @@ def _exact_lse(q, k, layout, causal):
     return torch.logsumexp(s, -1)
 
 
+def _assert_as_accurate_as_reference(out, lse, q, k, v, mode, tiling, layout, causal, where):
+    """Output and LSE errors against float64 at most 1.5 × the reference's own (same mode and tiling) + 1e-3."""
+    truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
+    ref, ref_lse = reference.sageattn(
+        q, k, v, mode=mode, tensor_layout=layout, is_causal=causal, tiling=tiling, return_lse=True
+    )
+    err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
+    assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen), where
+    true_lse = _exact_lse(q, k, layout, causal)
+    lse_err = (lse[seen].double() - true_lse[seen]).abs().mean()
+    ref_lse_err = (ref_lse[seen].double() - true_lse[seen]).abs().mean()
+    assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs reference {ref_lse_err:.5f} ({where})"
+
+
 def _check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal"):
     seed = _seed()
     q, k, v = _inputs(
@@ -74,18 +90,7 @@ def _check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal")
     assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-    truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
-    ref, ref_lse = reference.sageattn(
-        q, k, v, mode=plan.mode, tensor_layout=layout, is_causal=causal, tiling=plan.kernel.tiling, return_lse=True
-    )
-    err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
-    assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
-    seen = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), seen), where
-    true_lse = _exact_lse(q, k, layout, causal)
-    lse_err = (lse[seen].double() - true_lse[seen]).abs().mean()
-    ref_lse_err = (ref_lse[seen].double() - true_lse[seen]).abs().mean()
-    assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs reference {ref_lse_err:.5f} ({where})"
+    _assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
     if causal and nq > nkv:  # rows that see no key
         rows = out.transpose(1, 2) if layout == "NHD" else out
         assert (rows[:, :, : nq - nkv] == 0).all(), where
@@ -206,18 +211,7 @@ def test_int4_matrix(pv_fp8, causal, nq, nkv):
         (out, lse), reused = _poisoned(q, _int4_call, q, k, v, layout, pv_fp8, causal)
         assert reused, where
         assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-        truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
-        ref, ref_lse = reference.sageattn(
-            q, k, v, mode=mode, tensor_layout=layout, is_causal=causal, tiling=sm80_tiling(d), return_lse=True
-        )
-        err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
-        assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
-        seen = torch.isfinite(ref_lse)
-        assert torch.equal(torch.isfinite(lse), seen), where
-        true_lse = _exact_lse(q, k, layout, causal)
-        lse_err = (lse[seen].double() - true_lse[seen]).abs().mean()
-        ref_lse_err = (ref_lse[seen].double() - true_lse[seen]).abs().mean()
-        assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs {ref_lse_err:.5f} ({where})"
+        _assert_as_accurate_as_reference(out, lse, q, k, v, mode, sm80_tiling(d), layout, causal, where)
 
 
 @pytest.mark.parametrize("pv_fp8", (True, False), ids=("fp8", "fp16"))
