@@ -3,7 +3,8 @@
 Pipeline (../shared/design/ALGORITHM.md):
 1. K smoothing: K' = K − mean_tokens(K) per (batch, kv head). Exact under softmax; the LSE adds q·k̄ back.
 2. Q smoothing (on by default for INT4, off for INT8): per Q block of `tiling.block_q` rows, Q' = Q − q̄,
-   and ΔS = q̄·K'ᵀ (one row per Q block, computed in float32 from the unquantized K') is added back to S.
+   and ΔS = q̄·K'ᵀ (one row per Q block) is added back to S: in float32 from the unquantized K'
+   (`delta_s="exact"`), or from INT8 q̄ and K' as the mma.sync kernels compute it (`delta_s="int8"`).
 3. Q', K' to INT8/INT4 with per-thread groups (`quant.q_group_ids`, `quant.k_group_ids`); the softmax scale
    and log2(e) are folded into the Q scale.
 4. V per channel to FP8 e4m3 (optionally smoothed by its channel mean), or to FP16.
@@ -61,6 +62,7 @@ def sageattn(
     smooth_v: bool = False,
     granularity: Granularity | str = Granularity.THREAD,
     emulate_fp22: bool = False,
+    delta_s: str = "exact",
     max_tile_elements: int = DEFAULT_TILE_ELEMENTS,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SageAttention2 as the kernels compute it; same conventions as `comfy_sage.sageattn`.
@@ -70,6 +72,8 @@ def sageattn(
     smooth_q: Q smoothing with ΔS; None means on for INT4 modes, off for INT8 modes.
     granularity: "thread" (the kernels'), "block" or "tensor": which values share a Q/K scale.
     emulate_fp22: round the FP8 P·V accumulator to 13 mantissa bits after each `tiling.pv_k` keys.
+    delta_s: how Q smoothing's ΔS = q̄·K'ᵀ is computed: "exact" (float32, as the paper describes) or "int8"
+        (as the mma.sync kernels do it: q̄ in INT8 with one scale per Q block, K' in INT8 with K's groups).
     Returns O in q's dtype and layout, and with `return_lse` also the natural-log LSE [B, H_q, N_q] float32.
     """
     mode = Mode.parse(mode)
@@ -80,6 +84,8 @@ def sageattn(
     if not isinstance(tiling, Tiling):
         raise TypeError(f"tiling must be a comfy_sage.tiling.Tiling; got {type(tiling).__name__}")
     granularity = Granularity(granularity)
+    if delta_s not in ("exact", "int8"):
+        raise ValueError(f"delta_s must be 'exact' or 'int8'; got {delta_s!r}")
     layout = check_layout(tensor_layout)
     problem = check_qkv(q, k, v, layout)
     scale = check_sm_scale(sm_scale, problem.head_dim)
@@ -99,6 +105,7 @@ def sageattn(
             smooth_v=smooth_v,
             granularity=granularity,
             emulate_fp22=emulate_fp22,
+            delta_s=delta_s,
             max_tile_elements=max_tile_elements,
         )
     out = from_hnd(out.to(q.dtype), layout)
@@ -106,7 +113,7 @@ def sageattn(
 
 
 def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, smooth_v, granularity,
-             emulate_fp22, max_tile_elements):  # fmt: skip
+             emulate_fp22, delta_s, max_tile_elements):  # fmt: skip
     b, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
     dev = q.device
@@ -125,6 +132,15 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
     q_int, q_scale = quantize_int(qc, mode.qk_bits, q_group_ids(nq, tiling, granularity, dev))
     k_int, k_scale = quantize_int(kc, mode.qk_bits, k_group_ids(nkv, tiling, granularity, dev))
     q_scale = q_scale * log2_scale
+    # ΔS's operands: q̄ (log2-scaled) and K' in float32, or both in INT8 as the mma.sync kernels take them.
+    if q_mean is not None and delta_s == "int8":
+        blocks = q_mean.shape[2]
+        mean_int, mean_scale = quantize_int(q_mean, 8, torch.arange(blocks, device=dev))
+        delta_q = mean_int * (mean_scale * log2_scale)[..., None]
+        k8_int, k8_scale = quantize_int(kc, 8, k_group_ids(nkv, tiling, granularity, dev))
+        delta_k = (k8_int * k8_scale[..., None])[:, heads]
+    elif q_mean is not None:
+        delta_q, delta_k = q_mean * log2_scale, kc[:, heads]
     k_int, k_scale, kc = k_int[:, heads], k_scale[:, heads], kc[:, heads]
 
     # 4. V.
@@ -153,10 +169,9 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
             c1 = min(nkv, c0 + tiling.block_k)
             s = (qi @ k_int[:, :, c0:c1].transpose(-1, -2)) * (qs * k_scale[:, :, None, c0:c1])
             if q_mean is not None:
-                delta_s = (q_mean[:, :, r0 // tiling.block_q : -(-r1 // tiling.block_q)] * log2_scale) @ kc[
-                    :, :, c0:c1
-                ].transpose(-1, -2)
-                s = s + delta_s.repeat_interleave(tiling.block_q, 2)[:, :, : r1 - r0]
+                blocks = delta_q[:, :, r0 // tiling.block_q : -(-r1 // tiling.block_q)]
+                delta = blocks @ delta_k[:, :, c0:c1].transpose(-1, -2)
+                s = s + delta.repeat_interleave(tiling.block_q, 2)[:, :, : r1 - r0]
             if causal:
                 visible = causal_visible(rows, torch.arange(c0, c1, device=dev), nq, nkv)
                 s = s.masked_fill(~visible, -math.inf)

@@ -562,3 +562,28 @@ def test_32k_tokens_on_cpu_without_n_by_n() -> None:
         lse_err = (lse[:, :, rows].double() - truth).abs().max().item()
         assert lse_err < tol, f"{what}: max |LSE − float64| {lse_err:.2e} in rows {rows}"
     assert elapsed < 180, what  # about 10 s on 2 idle cores
+
+
+# --- ΔS as the mma.sync kernels compute it ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["int4_fp8", "int4_fp16"])
+def test_int8_delta_s_close_to_exact_for_int4(mode: str) -> None:
+    """ΔS from INT8 q̄ and K' (the kernels' way) costs INT4 almost nothing against float32 ΔS."""
+    seed = fresh_seed()
+    q, k, v = make_qkv(1, 4, 1024, 128, kind="biased", generator=gen(seed))
+    truth = exact.attention(q, k, v)
+    exact_ds = reference.accuracy(reference.sageattn(q, k, v, mode=mode, delta_s="exact"), truth)
+    int8_ds = reference.accuracy(reference.sageattn(q, k, v, mode=mode, delta_s="int8"), truth)
+    assert int8_ds["rel_l1"] <= 1.05 * exact_ds["rel_l1"], f"{mode} seed {seed}: {int8_ds} vs {exact_ds}"
+    out = reference.sageattn(q, k, v, mode=mode, delta_s="int8")
+    assert not torch.equal(out, reference.sageattn(q, k, v, mode=mode, delta_s="exact")), "ΔS must differ"
+
+
+def test_delta_s_only_matters_with_q_smoothing() -> None:
+    q, k, v = make_qkv(1, 2, 200, 64, generator=gen(fresh_seed()))
+    a = reference.sageattn(q, k, v, mode="int8_fp8", smooth_q=False, delta_s="int8")
+    b = reference.sageattn(q, k, v, mode="int8_fp8", smooth_q=False, delta_s="exact")
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="delta_s"):
+        reference.sageattn(q, k, v, mode="int8_fp8", delta_s="fp16")
