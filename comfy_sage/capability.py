@@ -43,6 +43,17 @@ def kernel_status() -> KernelStatus:
     return KernelStatus(True, None, tuple(getattr(module, "ARCHS", ())))
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the loaded kernels hold code for this CUDA device (a host-side query, once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _kernels_run_on(index)
+
+
+@functools.cache
+def _kernels_run_on(device_index: int) -> bool:
+    return kernel_status().loaded and bool(torch.ops.comfy_sage.runs_on(device_index))
+
+
 @functools.cache
 def compute_capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)

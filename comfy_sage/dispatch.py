@@ -106,7 +106,7 @@ def plan(
 ) -> Plan:
     """The plan for one call's static properties (cached; never reads tensor data)."""
     cc = capability.device_capability(device)
-    return _plan(mode, device.type, cc, head_dim, dtype, has_mask)
+    return _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index)
 
 
 @functools.cache
@@ -117,6 +117,7 @@ def _plan(
     head_dim: int,
     dtype: torch.dtype,
     has_mask: bool,
+    device_index: int | None = None,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -146,6 +147,8 @@ def _plan(
     status = capability.kernel_status()
     if not status.loaded:
         return fallback(status.reason)
+    if not capability.kernels_run_on(torch.device(device_type, device_index)):
+        return fallback(f"the compiled kernels have no code for {capability.sm_name(cc)}; reinstall a build for it")
     mode, note = native_mode(mode, cc)
     family = kernel_family(cc)
     tiling = sm80_tiling(head_dim) if family == "sm80" else SM90

@@ -30,6 +30,7 @@ def summary(device: torch.device | str | None = None) -> dict:
         "kernels_loaded": status.loaded,
         "kernels_reason": status.reason,
         "kernel_archs": list(status.archs),
+        "kernels_run_here": bool(cc) and status.loaded and capability.kernels_run_on(device),
     }
     modes = {}
     for mode in QUANTIZED_MODES:
@@ -55,7 +56,9 @@ def render(info: dict) -> str:
         + (f"  {info['gpu']}  compute capability {info['compute_capability']}" if info["gpu"] else "  (no CUDA GPU)"),
         "kernels: "
         + (
-            "loaded, built for " + (", ".join(info["kernel_archs"]) or "?")
+            "loaded"
+            + (f" (built for {', '.join(info['kernel_archs'])})" if info["kernel_archs"] else "")
+            + (("" if info["kernels_run_here"] else ", but NO code for this GPU") if info["gpu"] else "")
             if info["kernels_loaded"]
             else "not loaded: " + info["kernels_reason"]
         ),

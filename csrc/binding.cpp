@@ -134,15 +134,23 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   return {out, lse};
 }
 
+// Whether the kernels have code for `device` (a CUDA device index). Host-side, no launch.
+bool runs_on(int64_t device) {
+  torch::stable::accelerator::DeviceGuard guard(device);
+  return sm80_runs_on_current_device();
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(comfy_sage, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, bool pv_fp8, bool is_causal, "
       "float sm_scale, bool return_lse) -> (Tensor, Tensor)");
+  m.def("runs_on(int device) -> bool");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CUDA, m) { m.impl("attention", TORCH_BOX(&attention)); }
+STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CompositeExplicitAutograd, m) { m.impl("runs_on", TORCH_BOX(&runs_on)); }
 
 // An importable, empty Python module (abi3: no pybind11); the ops live in torch.ops.comfy_sage.
 extern "C" {

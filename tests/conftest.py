@@ -21,6 +21,7 @@ def fresh_state():
     def clear():
         dispatch.clear_cache()
         capability.kernel_status.cache_clear()
+        capability._kernels_run_on.cache_clear()
         _log.forget_logged()
 
     clear()

@@ -33,6 +33,7 @@ def gpu(monkeypatch):
     def fake(cc: tuple[int, int], status: KernelStatus = LOADED) -> None:
         monkeypatch.setattr(capability, "device_capability", lambda device: cc if device.type == "cuda" else None)
         monkeypatch.setattr(capability, "kernel_status", lambda: status)
+        monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
         dispatch.clear_cache()
 
     return fake
@@ -248,6 +249,7 @@ def test_plan_does_not_reload_the_extension(gpu, monkeypatch):
     calls = []
     monkeypatch.setattr(capability, "device_capability", lambda device: (8, 9))
     monkeypatch.setattr(capability, "kernel_status", lambda: calls.append(1) or LOADED)
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
     dispatch.clear_cache()
     for _ in range(100):
         plan("int8_fp8")
@@ -273,8 +275,18 @@ def test_hopper_uses_the_mma_sync_family_until_wgmma_lands(gpu, monkeypatch):
 
 def test_private_plan_with_a_fake_cc(fresh_state, monkeypatch):
     monkeypatch.setattr(capability, "kernel_status", lambda: LOADED)
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
     p = dispatch._plan(Mode.INT4_FP8, "cuda", (9, 0), 128, torch.float16, False)
     assert p.mode is Mode.INT8_FP8 and "emulated on sm_90" in p.note
+
+
+def test_kernels_without_code_for_this_gpu_fall_back(gpu, monkeypatch):
+    """A build that lacks this GPU's architecture (e.g. a newer GPU) must fall back, not fail at launch."""
+    gpu((10, 0))
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device: False)
+    dispatch.clear_cache()
+    p = plan("int8_fp8")
+    assert p.fallback and "no code for sm_100" in p.reason
 
 
 # --- capability: what the kernel status says on this machine -----------------------------------------

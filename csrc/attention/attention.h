@@ -10,4 +10,7 @@ namespace comfy_sage {
 
 cudaError_t run_sm80_attention(const AttentionArgs& args, cudaStream_t stream);
 
+// Whether this build holds code that runs on the current CUDA device.
+bool sm80_runs_on_current_device();
+
 }  // namespace comfy_sage

@@ -39,6 +39,15 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
+bool sm80_runs_on_current_device() {
+  // A host-side query (no launch, no sync): fails with cudaErrorNoKernelImageForDevice when this build has
+  // neither SASS nor JIT-able PTX for the current GPU.
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm80_attention_kernel<8, 128, false>);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // clear the (non-sticky) error for the next launch check
+  return err == cudaSuccess;
+}
+
 cudaError_t run_sm80_attention(const AttentionArgs& a, cudaStream_t stream) {
   cudaError_t err = launch_quantize(a, stream);
   if (err != cudaSuccess || a.shape.seq_q == 0) return err;

@@ -198,6 +198,7 @@ def test_startup_line_reports_the_kernel_status(monkeypatch):
     line = comfyui.startup_line()
     assert "kernels not loaded" in line and "Patch Sage Attention runs ComfyUI's PyTorch attention" in line
     monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_80", "sm_90")))
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
     assert "kernels loaded, built for sm_80, sm_90" in comfyui.startup_line()
 
 
