@@ -1,37 +1,48 @@
 """ComfyUI-Manager's install hook: run with ComfyUI's own Python after `requirements.txt`.
 
-It never installs torch and never starts a source build (compiling the kernels takes long and needs a CUDA
-toolkit). Choosing a prebuilt kernel wheel for this Python, torch and GPU is the wheel installer's job;
-until that exists, `wheel_commands` returns nothing and the nodes run ComfyUI's PyTorch attention, saying
-so once in the log. It only uses the standard library and always exits 0: a failed hook must not stop
-ComfyUI-Manager from finishing the install.
+It installs the prebuilt kernel wheel that fits this Python, torch, OS and GPU, through comfy_sage's
+installer (`comfy_sage/install.py`, also `python -m comfy_sage install`): one wheel from the comfy-sage
+index with `--no-deps`, so torch is never touched, and never a source build. Where no wheel fits, or the
+wheel does not load, the nodes run ComfyUI's PyTorch attention and the log says why in one line.
+COMFY_SAGE_NO_KERNELS=1 skips it. It always exits 0: a failed hook must not stop ComfyUI-Manager.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
+
+INSTALLER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "comfy_sage", "install.py")
+
+
+def installer():
+    """comfy_sage/install.py, loaded once by path: importing the package would import all of comfy_sage here."""
+    name = "comfy_sage_installer"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, INSTALLER)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def wheel_commands() -> list[list[str]]:
-    """The pip commands that would install prebuilt kernels here (none yet: no wheel index exists)."""
-    return []
+    """The pip commands that install the kernel wheel fitting this Python (none where none fits: it says why)."""
+    return installer().plan().commands
 
 
 def main() -> int:
-    commands = wheel_commands()
-    if not commands:
-        print(
-            "comfy-sage: no prebuilt kernel wheel to install yet; Patch Sage Attention runs ComfyUI's PyTorch "
-            "attention until the kernels are installed (the Sage Attention Info node shows what this GPU gets)."
-        )
+    if os.environ.get("COMFY_SAGE_NO_KERNELS") == "1":
+        print("comfy-sage: COMFY_SAGE_NO_KERNELS=1: no kernel wheel installed; the nodes run PyTorch attention")
         return 0
-    import subprocess
-
-    for command in commands:
-        print("comfy-sage: " + " ".join(command))
-        if subprocess.run(command, check=False).returncode != 0:
-            print("comfy-sage: the kernel wheel did not install; the nodes will run PyTorch attention")
-            break
+    try:
+        previous = installer().installed_version()
+        commands = wheel_commands()
+        if commands:
+            installer().apply(commands, previous, None)
+    except Exception as exc:  # the hook must never fail ComfyUI-Manager's install
+        print(f"comfy-sage: the kernel installer failed ({type(exc).__name__}: {exc}); the nodes run PyTorch attention")
     return 0
 
 

@@ -102,6 +102,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install(args: argparse.Namespace) -> int:
+    """The prebuilt kernel wheel for this Python, torch, OS and GPU, from the wheel index (never a source build)."""
+    from . import install
+
+    return install.install(index_url=args.index_url, wheel=args.wheel, version=args.version, dry_run=args.dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy_sage")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
     p.set_defaults(func=cmd_bench)
+
+    from .install import add_arguments as add_install_arguments
+
+    p = sub.add_parser("install", help="install the prebuilt kernels for this Python, torch and GPU (pip, no deps)")
+    add_install_arguments(p)
+    p.set_defaults(func=cmd_install)
 
     args = parser.parse_args(argv)
     if getattr(args, "device", None):
