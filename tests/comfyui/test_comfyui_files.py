@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 from comfy_sage import comfyui
@@ -53,7 +54,9 @@ def _load_install():
     return module
 
 
-def test_install_hook_installs_nothing_yet_and_exits_0(monkeypatch, capsys):
+def test_install_hook_installs_nothing_without_a_cuda_torch(monkeypatch, capsys):
+    """No CUDA build of torch (as in CI): no wheel fits, nothing runs, one line says why, exit 0."""
+    monkeypatch.setattr(torch.version, "cuda", None)
     install = _load_install()
     assert install.wheel_commands() == []
 
