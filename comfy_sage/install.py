@@ -145,7 +145,9 @@ class Link:
     url: str
 
 
-class _Anchors(HTMLParser):
+class AnchorParser(HTMLParser):
+    """The hrefs of a page's <a> tags (PEP 503 index pages); wheels/index.py uses it too."""
+
     def __init__(self) -> None:
         super().__init__()
         self.hrefs: list[str] = []
@@ -162,7 +164,7 @@ def file_name(url_or_path: str) -> str:
 
 def parse_index(page: str, page_url: str) -> list[Link]:
     """The links of a PEP 503 project page as absolute URLs (their #sha256= kept: pip checks it)."""
-    parser = _Anchors()
+    parser = AnchorParser()
     parser.feed(page)
     return [Link(file_name(href), urllib.parse.urljoin(page_url, href)) for href in parser.hrefs]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import importlib.util
 import re
 import sys
-from html.parser import HTMLParser
 from pathlib import Path
 
 PROJECT = "comfy-sage"  # PEP 503 normalized name
@@ -23,20 +23,20 @@ REQUIRES_PYTHON = ">=3.10"
 LABEL = re.compile(r"^comfy_sage-[^-]+\+(cu\d+)-")
 
 
-class _Anchors(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hrefs: list[str] = []
-
-    def handle_starttag(self, tag, attrs):
-        href = dict(attrs).get("href")
-        if tag == "a" and href:
-            self.hrefs.append(href)
+def _installer():
+    """comfy_sage/install.py loaded by path, for its page parser: importing the package would import torch."""
+    name = "comfy_sage_installer"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "comfy_sage" / "install.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def read_links(page: str) -> dict[str, str]:
     """{wheel file name: href} of a project page."""
-    parser = _Anchors()
+    parser = _installer().AnchorParser()
     parser.feed(page)
     return {href.split("#")[0].rsplit("/", 1)[-1]: href for href in parser.hrefs}
 
