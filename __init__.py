@@ -6,6 +6,7 @@ nodes: a V3 `comfy_entrypoint` where ComfyUI has `comfy_api.latest`, V1 `NODE_CL
 Importing needs no GPU and no kernels.
 """
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -38,7 +39,21 @@ _import_comfy_sage()
 
 from comfy_sage import comfyui as _adapter  # noqa: E402
 
-from . import nodes as _nodes  # noqa: E402
+
+def _import_nodes():
+    """nodes.py: relative to the pack where ComfyUI imports it as a package; by path where this file is
+    imported as a plain module (pytest collecting a checkout whose folder name is not a Python name)."""
+    if __package__:
+        return importlib.import_module(".nodes", __package__)
+    spec = importlib.util.spec_from_file_location(
+        "comfy_sage_pack_nodes", os.path.join(os.path.dirname(os.path.abspath(__file__)), "nodes.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_nodes = _import_nodes()
 
 if _nodes.V3_NODES:
     comfy_entrypoint = _nodes.comfy_entrypoint
