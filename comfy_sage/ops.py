@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Plan
+from .modes import Mode
 
 LAYOUT_CODES = {"HND": 0, "NHD": 1}
 _ALIGN_ELEMENTS = 8  # 16 bytes of fp16/bf16
@@ -45,18 +45,18 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     layout: str,
-    plan: Plan,
+    mode: Mode,
     *,
     is_causal: bool,
     scale: float,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run `plan`'s kernel on caller-layout inputs; float32 inputs are computed in bfloat16."""
+    """Run the kernel of quantized `mode` on caller-layout inputs; float32 inputs are computed in bfloat16."""
     out_dtype = q.dtype
     if out_dtype == torch.float32:
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     q, k, v = (_aligned(t) for t in (q, k, v))
     out, lse = torch.ops.comfy_sage.attention(
-        q, k, v, LAYOUT_CODES[layout], plan.mode.qk_bits, plan.mode.pv_fp8, is_causal, scale, return_lse
+        q, k, v, LAYOUT_CODES[layout], mode.qk_bits, mode.pv_fp8, is_causal, scale, return_lse
     )
     return out.to(out_dtype), (lse if return_lse else None)

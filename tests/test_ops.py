@@ -1,0 +1,49 @@
+"""The Python side of a kernel call (`comfy_sage.ops.attention`), with the compiled op replaced by a recorder:
+what reaches `torch.ops.comfy_sage.attention` for each mode, layout and dtype. The op itself is tested on a
+GPU (tests/gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import comfy_sage.api  # noqa: F401  (creates the torch.ops.comfy_sage namespace)
+from comfy_sage import ops
+from comfy_sage.modes import QUANTIZED_MODES, Mode
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    calls = []
+
+    def fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse):
+        calls.append(dict(q=q, layout=layout, qk_bits=qk_bits, pv_fp8=pv_fp8, causal=is_causal, scale=sm_scale))
+        return torch.zeros_like(q), q.new_zeros((0,), dtype=torch.float32)
+
+    monkeypatch.setattr(torch.ops.comfy_sage, "attention", fake, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("mode", QUANTIZED_MODES, ids=str)
+@pytest.mark.parametrize("layout", ("HND", "NHD"))
+def test_mode_and_layout_reach_the_op(recorded, mode: Mode, layout: str):
+    q = k = v = torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    out, lse = ops.attention(q, k, v, layout, mode, is_causal=True, scale=0.1, return_lse=False)
+    (call,) = recorded
+    assert (call["qk_bits"], call["pv_fp8"]) == (mode.qk_bits, mode.pv_fp8)
+    assert call["layout"] == ops.LAYOUT_CODES[layout] and call["causal"] is True and call["scale"] == 0.1
+    assert out.dtype == torch.float16 and lse is None
+
+
+def test_float32_runs_in_bfloat16_and_returns_float32(recorded):
+    q = k = v = torch.randn(1, 2, 8, 64)
+    out, _ = ops.attention(q, k, v, "HND", Mode.INT8_FP16, is_causal=False, scale=0.125, return_lse=True)
+    assert recorded[0]["q"].dtype == torch.bfloat16 and out.dtype == torch.float32
+
+
+def test_misaligned_inputs_are_made_contiguous(recorded):
+    base = torch.randn(1, 2, 8, 72, dtype=torch.bfloat16)
+    q = base[..., 1:65]  # head_dim 64 starting one element in: not 16-byte aligned
+    ops.attention(q, q, q, "HND", Mode.INT8_FP8, is_causal=False, scale=0.125, return_lse=False)
+    sent = recorded[0]["q"]
+    assert sent.is_contiguous() and sent.data_ptr() % 16 == 0 and torch.equal(sent, q)
