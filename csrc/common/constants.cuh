@@ -1,6 +1,8 @@
 // Named constants shared by the quantization and attention kernels.
 #pragma once
 
+#include <limits>
+
 namespace comfy_sage {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -9,7 +11,7 @@ constexpr float kFp8Max = 448.0f;             // largest finite float8 e4m3fn
 constexpr float kLog2Fp8Max = 8.807354922057604f;  // log2(448): P̃ = exp2(S - m + this) lands in [0, 448]
 constexpr float kInt8Max = 127.0f;
 constexpr float kInt4Max = 7.0f;
-constexpr float kInf = __builtin_huge_valf();
+constexpr float kInf = std::numeric_limits<float>::infinity();  // portable: MSVC has no __builtin_huge_valf
 constexpr float kFloatMax = 3.40282347e38f;
 constexpr float kMinScale = 1.17549435e-38f;  // FLT_MIN: a zero dequantization scale, kept positive
 
