@@ -49,13 +49,12 @@ def sageattn(
     if torch.compiler.is_compiling():  # one opaque op for torch.compile: no graph break, no tracing into dispatch
         out, lse = torch.ops.comfy_sage.sageattn(q, k, v, layout, is_causal, scale, mode.value, attn_mask, return_lse)
     else:
-        out, lse = _run(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse)
+        out, lse = _run(q, k, v, layout, problem, is_causal, scale, mode, attn_mask, return_lse)
     return (out, lse) if return_lse else out
 
 
-def _run(q, k, v, layout: str, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
-    """Dispatch one validated call: (out in the caller's layout, LSE or None)."""
-    problem = check_qkv(q, k, v, layout)
+def _run(q, k, v, layout: str, problem, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
+    """Dispatch one validated call (`problem` from `check_qkv`): (out in the caller's layout, LSE or None)."""
     plan = dispatch.plan(mode, q.device, problem.head_dim, q.dtype, attn_mask is not None)
     if plan.reason:
         log_once(plan.reason)
@@ -80,7 +79,8 @@ def _run(q, k, v, layout: str, is_causal: bool, scale: float, mode: Mode, attn_m
     "bool return_lse) -> (Tensor, Tensor)",
 )
 def _sageattn_op(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse):
-    out, lse = _run(q, k, v, layout, is_causal, scale, Mode(mode), attn_mask, return_lse)
+    problem = check_qkv(q, k, v, layout)
+    out, lse = _run(q, k, v, layout, problem, is_causal, scale, Mode(mode), attn_mask, return_lse)
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 

@@ -130,14 +130,15 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
 
     # 3. Per-group INT quantization; the Q scale carries sm_scale·log2(e).
     q_int, q_scale = quantize_int(qc, mode.qk_bits, q_group_ids(nq, tiling, granularity, dev))
-    k_int, k_scale = quantize_int(kc, mode.qk_bits, k_group_ids(nkv, tiling, granularity, dev))
+    k_groups = k_group_ids(nkv, tiling, granularity, dev)
+    k_int, k_scale = quantize_int(kc, mode.qk_bits, k_groups)
     q_scale = q_scale * log2_scale
     # ΔS's operands: q̄ (log2-scaled) and K' in float32, or both in INT8 as the mma.sync kernels take them.
     if q_mean is not None and delta_s == "int8":
         blocks = q_mean.shape[2]
         mean_int, mean_scale = quantize_int(q_mean, 8, torch.arange(blocks, device=dev))
         delta_q = mean_int * (mean_scale * log2_scale)[..., None]
-        k8_int, k8_scale = quantize_int(kc, 8, k_group_ids(nkv, tiling, granularity, dev))
+        k8_int, k8_scale = quantize_int(kc, 8, k_groups)
         delta_k = (k8_int * k8_scale[..., None])[:, heads]
     elif q_mean is not None:
         delta_q, delta_k = q_mean * log2_scale, kc[:, heads]
