@@ -68,7 +68,10 @@ def _run(q, k, v, layout: str, problem, is_causal: bool, scale: float, mode: Mod
         # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
         out = from_hnd(out, layout).contiguous()
     else:
-        out, lse = ops.attention(q, k, v, layout, plan.mode, is_causal=is_causal, scale=scale, return_lse=return_lse)
+        out, lse = ops.attention(
+            q, k, v, layout, plan.mode, family=plan.kernel.family, is_causal=is_causal, scale=scale,
+            return_lse=return_lse,
+        )  # fmt: skip
     return out, lse
 
 

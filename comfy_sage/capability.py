@@ -43,15 +43,19 @@ def kernel_status() -> KernelStatus:
     return KernelStatus(True, None, tuple(getattr(module, "ARCHS", ())))
 
 
-def kernels_run_on(device: torch.device) -> bool:
-    """Whether the loaded kernels hold code for this CUDA device (a host-side query, once per device)."""
+FAMILY_CODES = {"sm80": 80, "sm90": 90}
+
+
+def kernels_run_on(device: torch.device, family: str = "sm80") -> bool:
+    """Whether the loaded kernels of `family` ("sm80": mma.sync, "sm90": wgmma) hold code for this CUDA device
+    (a host-side query, once per device and family)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _kernels_run_on(index)
+    return _kernels_run_on(index, family)
 
 
 @functools.cache
-def _kernels_run_on(device_index: int) -> bool:
-    return kernel_status().loaded and bool(torch.ops.comfy_sage.runs_on(device_index))
+def _kernels_run_on(device_index: int, family: str = "sm80") -> bool:
+    return kernel_status().loaded and bool(torch.ops.comfy_sage.runs_on(device_index, FAMILY_CODES[family]))
 
 
 @functools.cache

@@ -12,7 +12,9 @@ Native support follows the SASS nvcc emits for each architecture (ALGORITHM.md):
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +68,11 @@ class Plan:
 def auto_mode(cc: tuple[int, int] | None) -> Mode:
     """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality), FP8 P·V where FP8 exists.
 
-    Hopper is the exception while it runs the mma.sync family: there `mma.sync ... e4m3` compiles to FP16
-    HMMA plus conversions (read from the sm_90a SASS), so FP16 P·V is both faster and more accurate.
+    On Hopper FP8 P·V pays only through the wgmma kernel (`mma.sync ... e4m3` compiles to FP16 HMMA plus
+    conversions there, read from the sm_90a SASS); `plan` moves auto to INT8+FP16 where that kernel can't run.
     """
     if cc is None or cc < MIN_CC:
         return Mode.SDPA
-    if cc == (9, 0) and not HOPPER_KERNEL:
-        return Mode.INT8_FP16
     return Mode.INT8_FP8 if cc >= FP8_MIN_CC else Mode.INT8_FP16
 
 
@@ -89,12 +89,31 @@ def native_mode(mode: Mode, cc: tuple[int, int]) -> tuple[Mode, str | None]:
     return mode, "; ".join(notes) or None
 
 
-def kernel_family(cc: tuple[int, int]) -> str:
-    return "sm90" if cc == (9, 0) and HOPPER_KERNEL else "sm80"
+FAMILIES = ("sm80", "sm90")
+SM90_MODES = frozenset({Mode.INT8_FP8})  # what the wgmma kernel computes
+SM90_MAX_HEAD_DIM = 128
 
 
-# The wgmma kernel is a later milestone: until it lands, Hopper runs the mma.sync family.
-HOPPER_KERNEL = False
+def wgmma_fits(cc: tuple[int, int], mode: Mode, head_dim: int) -> bool:
+    """Whether the wgmma (Hopper) kernel computes this call: sm_90, INT8+FP8, head dim up to 128."""
+    return cc == (9, 0) and mode in SM90_MODES and head_dim <= SM90_MAX_HEAD_DIM
+
+
+_preferred_family: str | None = None
+
+
+@contextlib.contextmanager
+def prefer_family(family: str | None) -> Iterator[None]:
+    """Within the block, run kernel family `family` ("sm80": mma.sync, "sm90": wgmma) wherever it can
+    compute the call; None restores the default choice. For benchmarks and tests that compare the two."""
+    global _preferred_family
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None; got {family!r}")
+    previous, _preferred_family = _preferred_family, family
+    try:
+        yield
+    finally:
+        _preferred_family = previous
 
 
 def plan(
@@ -106,7 +125,7 @@ def plan(
 ) -> Plan:
     """The plan for one call's static properties (cached; never reads tensor data)."""
     cc = capability.device_capability(device)
-    return _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index)
+    return _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family)
 
 
 @functools.cache
@@ -118,6 +137,7 @@ def _plan(
     dtype: torch.dtype,
     has_mask: bool,
     device_index: int | None = None,
+    preferred_family: str | None = None,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -149,10 +169,23 @@ def _plan(
         return fallback(status.reason)
     if not capability.kernels_run_on(torch.device(device_type, device_index)):
         return fallback(f"the compiled kernels have no code for {capability.sm_name(cc)}; reinstall a build for it")
+    device = torch.device(device_type, device_index)
+    hopper = cc == (9, 0)
+    if (
+        requested is Mode.AUTO
+        and hopper
+        and not (
+            wgmma_fits(cc, mode, head_dim) and capability.kernels_run_on(device, "sm90") and preferred_family != "sm80"
+        )
+    ):
+        mode = Mode.INT8_FP16  # FP8 P·V on Hopper pays only through the wgmma kernel
     mode, note = native_mode(mode, cc)
-    family = kernel_family(cc)
-    tiling = sm80_tiling(head_dim) if family == "sm80" else SM90
-    return Plan(requested, mode, KernelSpec(family, mode, tiling), None, note)
+    wgmma = wgmma_fits(cc, mode, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
+    if wgmma:
+        return Plan(requested, mode, KernelSpec("sm90", mode, SM90), None, note)
+    if hopper and preferred_family == "sm90":
+        note = "; ".join(filter(None, (note, f"the wgmma kernel can't run {mode.value} at head_dim {head_dim} here")))
+    return Plan(requested, mode, KernelSpec("sm80", mode, sm80_tiling(head_dim)), None, note)
 
 
 def clear_cache() -> None:

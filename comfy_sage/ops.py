@@ -1,17 +1,18 @@
 """The compiled ops (`torch.ops.comfy_sage.*`): their fake kernels and the Python side of a kernel call.
 
-`comfy_sage::attention(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse) -> (out, lse)`
-takes Q, K, V in the caller's layout (layout 0 = HND, 1 = NHD), float16 or bfloat16, contiguous in
-head_dim with 16-byte aligned rows, and returns O in the same layout and dtype, and the LSE
-[B, H_q, N_q] float32 (an empty tensor when `return_lse` is False). It quantizes and attends on the
-current CUDA stream and never synchronizes. The fake kernel below gives torch.compile the output metadata,
-so `torch.compile(fullgraph=True)` traces through it.
+`comfy_sage::attention(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse, family) -> (out, lse)`
+runs kernel family `family` (80: mma.sync; 90: wgmma, INT8 Q·Kᵀ + FP8 P·V, head dim ≤ 128). It takes Q, K,
+V in the caller's layout (layout 0 = HND, 1 = NHD), float16 or bfloat16, contiguous in head_dim with 16-byte
+aligned rows, and returns O in the same layout and dtype, and the LSE [B, H_q, N_q] float32 (an empty tensor
+when `return_lse` is False). It quantizes and attends on the current CUDA stream and never synchronizes. The
+fake kernel below gives torch.compile the output metadata, so `torch.compile(fullgraph=True)` traces through it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .capability import FAMILY_CODES
 from .modes import Mode
 
 LAYOUT_CODES = {"HND": 0, "NHD": 1}
@@ -29,7 +30,7 @@ def register_fakes() -> None:
     _registered = True
 
     @torch.library.register_fake("comfy_sage::attention")
-    def _attention_fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse):
+    def _attention_fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse, family=80):
         b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if layout == 0 else (q.shape[0], q.shape[2], q.shape[1])
         lse_shape = (b, h, n) if return_lse else (0,)
         return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
@@ -47,16 +48,18 @@ def attention(
     layout: str,
     mode: Mode,
     *,
+    family: str = "sm80",
     is_causal: bool,
     scale: float,
     return_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the kernel of quantized `mode` on caller-layout inputs; float32 inputs are computed in bfloat16."""
+    """Run the kernel of quantized `mode` and `family` on caller-layout inputs; float32 inputs are computed in
+    bfloat16."""
     out_dtype = q.dtype
     if out_dtype == torch.float32:
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
     q, k, v = (_aligned(t) for t in (q, k, v))
     out, lse = torch.ops.comfy_sage.attention(
-        q, k, v, LAYOUT_CODES[layout], mode.qk_bits, mode.pv_fp8, is_causal, scale, return_lse
+        q, k, v, LAYOUT_CODES[layout], mode.qk_bits, mode.pv_fp8, is_causal, scale, return_lse, FAMILY_CODES[family]
     )
     return out.to(out_dtype), (lse if return_lse else None)

@@ -48,10 +48,26 @@ void check_input(const Tensor& x, const char* name, ScalarType dtype, int64_t de
   for (int i = 0; i < 3; ++i) STD_TORCH_CHECK(x.stride(i) % 8 == 0, name, " strides must be multiples of 8");
 }
 
+constexpr int64_t kFamilySm80 = 80, kFamilySm90 = 90;
+
+#ifdef COMFY_SAGE_NO_SM90
+constexpr bool kHaveSm90 = false;
+bool sm90_runs() { return false; }
+cudaError_t run_sm90(const AttentionArgs&, cudaStream_t) { return cudaErrorNoKernelImageForDevice; }
+#else
+constexpr bool kHaveSm90 = true;
+bool sm90_runs() { return sm90_runs_on_current_device(); }
+cudaError_t run_sm90(const AttentionArgs& a, cudaStream_t stream) { return run_sm90_attention(a, stream); }
+#endif
+
 std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, bool pv_fp8,
-                                     bool is_causal, double sm_scale, bool return_lse) {
+                                     bool is_causal, double sm_scale, bool return_lse, int64_t family) {
   STD_TORCH_CHECK(layout == kLayoutHND || layout == kLayoutNHD, "layout must be 0 (HND) or 1 (NHD)");
   STD_TORCH_CHECK(qk_bits == 8 || qk_bits == 4, "qk_bits must be 8 or 4");
+  STD_TORCH_CHECK(family == kFamilySm80 || family == kFamilySm90, "family must be 80 (mma.sync) or 90 (wgmma)");
+  const bool sm90 = family == kFamilySm90;
+  STD_TORCH_CHECK(!sm90 || kHaveSm90, "this build has no wgmma (sm_90a) kernels");
+  STD_TORCH_CHECK(!sm90 || (qk_bits == 8 && pv_fp8), "the wgmma kernels run INT8 Q·K^T with FP8 P·V only");
   const ScalarType dtype = q.scalar_type();
   STD_TORCH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, "q must be float16 or bfloat16");
   const int64_t device = q.get_device_index();
@@ -62,6 +78,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   STD_TORCH_CHECK(dk.b == dq.b && dv.b == dq.b && dk.d == dq.d && dv.d == dq.d, "q, k, v sizes disagree");
   STD_TORCH_CHECK(dk.h == dv.h && dk.n == dv.n && dk.h > 0 && dq.h % dk.h == 0, "k, v heads/tokens disagree");
   STD_TORCH_CHECK(dq.d % 8 == 0 && dq.d <= 256, "head_dim must be a multiple of 8, at most 256");
+  STD_TORCH_CHECK(!sm90 || dq.d <= 128, "the wgmma kernels take head_dim up to 128");
 
   torch::stable::accelerator::DeviceGuard guard(device);
   void* stream_ptr = nullptr;
@@ -71,8 +88,9 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   Shape s{};
   s.batch = dq.b, s.heads_q = dq.h, s.heads_kv = dk.h, s.seq_q = dq.n, s.seq_kv = dk.n, s.head_dim = dq.d;
   s.padded_dim = dq.d <= 64 ? 64 : dq.d <= 128 ? 128 : 256;
-  s.padded_q = round_up(std::max<int64_t>(dq.n, 1), kSm80BlockQ);
-  s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), kSm80BlockK);
+  s.block_k = sm90 ? kSm90BlockK : kSm80BlockK;
+  s.padded_q = round_up(std::max<int64_t>(dq.n, 1), sm90 ? kSm90BlockQ : kSm80BlockQ);
+  s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), s.block_k);
 
   const std::array<int64_t, 4> out_sizes = layout == kLayoutHND ? std::array<int64_t, 4>{dq.b, dq.h, dq.n, dq.d}
                                                                  : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
@@ -83,7 +101,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   // One workspace for every quantized buffer.
   const int64_t bq = dq.b * dq.h, bkv = dk.b * dk.h;
   const bool int4 = qk_bits == 4;
-  const int64_t q_blocks = s.padded_q / sm80_block_q(s.padded_dim), k_blocks = s.padded_kv / kSm80BlockK;
+  const int64_t q_blocks = s.padded_q / sm80_block_q(s.padded_dim), k_blocks = s.padded_kv / s.block_k;
   const int64_t sizes[] = {
       bq * s.padded_q * s.padded_dim * qk_bits / 8,         // q
       bq * (s.padded_q / kSm80WarpQ) * 8 * 4,               // q_scale
@@ -130,15 +148,16 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.qk_bits = static_cast<int>(qk_bits);
   a.pv_fp8 = pv_fp8;
 
-  const cudaError_t err = run_sm80_attention(a, static_cast<cudaStream_t>(stream_ptr));
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const cudaError_t err = sm90 ? run_sm90(a, stream) : run_sm80_attention(a, stream);
   STD_TORCH_CHECK(err == cudaSuccess, "comfy_sage attention launch failed: ", cudaGetErrorString(err));
   return {out, lse};
 }
 
-// Whether the kernels have code for `device` (a CUDA device index). Host-side, no launch.
-bool runs_on(int64_t device) {
+// Whether kernel family `family` (80 or 90) has code for `device` (a CUDA device index). Host-side, no launch.
+bool runs_on(int64_t device, int64_t family) {
   torch::stable::accelerator::DeviceGuard guard(device);
-  return sm80_runs_on_current_device();
+  return family == kFamilySm90 ? sm90_runs() : family == kFamilySm80 && sm80_runs_on_current_device();
 }
 
 }  // namespace
@@ -146,8 +165,8 @@ bool runs_on(int64_t device) {
 STABLE_TORCH_LIBRARY(comfy_sage, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, bool pv_fp8, bool is_causal, "
-      "float sm_scale, bool return_lse) -> (Tensor, Tensor)");
-  m.def("runs_on(int device) -> bool");
+      "float sm_scale, bool return_lse, int family=80) -> (Tensor, Tensor)");
+  m.def("runs_on(int device, int family=80) -> bool");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CUDA, m) { m.impl("attention", TORCH_BOX(&attention)); }

@@ -13,6 +13,7 @@ python3 -m comfy_sage doctor | tee "$out/doctor.txt"
 python3 -m pytest tests/gpu -q -x -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-tests.log" | tail -25
 if [ -z "${SKIP_SANITIZER:-}" ]; then
     PYTHONPATH=. compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.log"
+    PYTHONPATH=. compute-sanitizer --tool racecheck --print-limit 20 python3 scripts/sanitize_cases.py --family sm90 2>&1 | tail -8 | tee "$out/racecheck.log"
 fi
 if [ -z "${SKIP_ACCURACY:-}" ]; then
     python3 -m comfy_sage accuracy --kernels --device cuda 2>&1 | tee "$out/accuracy.md" | grep -E "kernel|B=" 

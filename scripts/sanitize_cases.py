@@ -1,9 +1,12 @@
-"""Small shapes of every compiled variant, for `compute-sanitizer --tool memcheck python scripts/sanitize_cases.py`.
+"""Small shapes of every compiled variant, for `compute-sanitizer --tool memcheck python scripts/sanitize_cases.py`
+(and racecheck).
 
-Calls the op directly so the INT4 variants run too (the dispatcher sends INT4 to INT8 where INT4 is emulated).
+Calls the op directly so the INT4 variants run too (the dispatcher sends INT4 to INT8 where INT4 is emulated),
+and the wgmma variants where the GPU is sm_90. `--family sm90` runs those only.
 """
 
 import itertools
+import sys
 
 import torch
 
@@ -12,11 +15,18 @@ from comfy_sage import capability
 from comfy_sage.testing import make_qkv
 
 assert capability.kernel_status().loaded, capability.kernel_status().reason
-for bits, d, pv_fp8, dtype, causal in itertools.product(
-    (8, 4), (64, 128, 256), (True, False), (torch.float16, torch.bfloat16), (False, True)
-):
-    q, k, v = make_qkv(1, 4, 130, d, heads_kv=2, seq_kv=70, dtype=dtype, device="cuda")
-    out, lse = torch.ops.comfy_sage.attention(q, k, v, 0, bits, pv_fp8, causal, d**-0.5, True)
+only_sm90 = "--family" in sys.argv and sys.argv[sys.argv.index("--family") + 1] == "sm90"
+cases = []
+if not only_sm90:
+    cases += [(80, *c) for c in itertools.product((8, 4), (64, 128, 256), (True, False))]
+if capability.kernels_run_on(torch.device("cuda"), "sm90"):
+    cases += [(90, 8, d, True) for d in (64, 128)]
+ran = 0
+dtypes = (torch.float16, torch.bfloat16)
+for (family, bits, d, pv_fp8), dtype, causal in itertools.product(cases, dtypes, (False, True)):
+    q, k, v = make_qkv(1, 4, 130, d, heads_kv=2, seq_kv=70 if causal else 200, dtype=dtype, device="cuda")
+    out, lse = torch.ops.comfy_sage.attention(q, k, v, 0, bits, pv_fp8, causal, d**-0.5, True, family)
     torch.cuda.synchronize()
-    assert torch.isfinite(out).all(), (bits, d, pv_fp8, dtype, causal)
-print("sanitize cases ran: 48 variants")
+    assert torch.isfinite(out).all(), (family, bits, d, pv_fp8, dtype, causal)
+    ran += 1
+print(f"sanitize cases ran: {ran} variants")

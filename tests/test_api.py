@@ -173,7 +173,7 @@ def test_fallback_with_kernels_loaded_still_explains_cpu(gen, fresh_state, caplo
     # Even with kernels, CPU tensors fall back, and the reason says it is the device.
     caplog.set_level(logging.INFO, logger="comfy_sage")
     monkeypatch.setattr(capability, "kernel_status", lambda: KernelStatus(True, None, ("sm_89",)))
-    monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
     dispatch.clear_cache()
     sageattn(*small(gen), mode="int8_fp16")
     assert reasons(caplog) == [

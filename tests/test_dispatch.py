@@ -33,7 +33,7 @@ def gpu(monkeypatch):
     def fake(cc: tuple[int, int], status: KernelStatus = LOADED) -> None:
         monkeypatch.setattr(capability, "device_capability", lambda device: cc if device.type == "cuda" else None)
         monkeypatch.setattr(capability, "kernel_status", lambda: status)
-        monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
+        monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
         dispatch.clear_cache()
 
     return fake
@@ -50,7 +50,6 @@ def plan(mode="auto", head_dim=128, dtype=torch.bfloat16, has_mask=False, device
         ((8, 6), Mode.INT8_FP16),
         ((8, 7), Mode.INT8_FP16),
         ((8, 9), Mode.INT8_FP8),
-        ((9, 0), Mode.INT8_FP16),  # mma.sync FP8 is FP16 HMMA plus conversions on Hopper (no wgmma kernel yet)
         ((10, 0), Mode.INT8_FP8),
         ((12, 0), Mode.INT8_FP8),
     ],
@@ -64,6 +63,29 @@ def test_auto_per_gpu(gpu, cc, expected):
     assert p.kernel.name == f"sm80_{expected.value}"
     assert p.reason is None and p.note is None
     assert dispatch.auto_mode(cc) is expected
+
+
+def test_auto_on_hopper_is_the_wgmma_kernel(gpu):
+    gpu((9, 0))
+    p = plan("auto")
+    assert p.mode is Mode.INT8_FP8 and p.kernel.family == "sm90" and p.kernel.tiling == SM90
+    assert p.kernel.name == "sm90_int8_fp8" and p.note is None
+
+
+@pytest.mark.parametrize("head_dim", [160, 256])
+def test_auto_on_hopper_beyond_the_wgmma_head_dims_is_int8_fp16(gpu, head_dim):
+    """mma.sync FP8 is FP16 HMMA plus conversions on Hopper: where wgmma can't run, FP16 P·V is faster."""
+    gpu((9, 0))
+    p = plan("auto", head_dim=head_dim)
+    assert p.mode is Mode.INT8_FP16 and p.kernel.family == "sm80" and p.kernel.tiling == SM80_WIDE
+
+
+def test_auto_on_hopper_without_wgmma_code_is_int8_fp16(gpu, monkeypatch):
+    gpu((9, 0))
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": family == "sm80")
+    dispatch.clear_cache()
+    p = plan("auto")
+    assert p.mode is Mode.INT8_FP16 and p.kernel.family == "sm80"
 
 
 @pytest.mark.parametrize("cc", [(7, 5), (7, 0), (6, 1)])
@@ -249,7 +271,7 @@ def test_plan_does_not_reload_the_extension(gpu, monkeypatch):
     calls = []
     monkeypatch.setattr(capability, "device_capability", lambda device: (8, 9))
     monkeypatch.setattr(capability, "kernel_status", lambda: calls.append(1) or LOADED)
-    monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
     dispatch.clear_cache()
     for _ in range(100):
         plan("int8_fp8")
@@ -262,20 +284,35 @@ def test_tiling_follows_the_head_dim(gpu):
     assert plan(head_dim=160).kernel.tiling == SM80_WIDE  # padded to 256: 64-row Q blocks
 
 
-def test_hopper_uses_the_mma_sync_family_until_wgmma_lands(gpu, monkeypatch):
+def test_hopper_families(gpu):
     gpu((9, 0))
-    assert plan("int8_fp8").kernel.family == "sm80"
-    monkeypatch.setattr(dispatch, "HOPPER_KERNEL", True)
-    dispatch.clear_cache()
     kernel = plan("int8_fp8").kernel
     assert kernel.family == "sm90" and kernel.tiling == SM90
+    assert plan("int8_fp8", head_dim=40).kernel.family == "sm90"  # padded to 64
+    assert plan("int8_fp8", head_dim=160).kernel.family == "sm80"  # wgmma: head dims up to 128
+    assert plan("int8_fp16").kernel.family == "sm80"  # the wgmma kernel is INT8+FP8 only
+    with dispatch.prefer_family("sm80"):
+        p = plan("int8_fp8")
+        assert p.kernel.family == "sm80" and p.kernel.tiling == SM80
+        assert plan("auto").mode is Mode.INT8_FP16  # auto without wgmma on Hopper
+    assert plan("int8_fp8").kernel.family == "sm90"
+    with dispatch.prefer_family("sm90"):
+        p = plan("int8_fp16")
+        assert p.kernel.family == "sm80" and "wgmma kernel can't run int8_fp16" in p.note
     gpu((12, 0))
     assert plan("int8_fp8").kernel.family == "sm80"  # consumer Blackwell is mma.sync either way
+    with dispatch.prefer_family("sm90"):
+        assert plan("int8_fp8").kernel.family == "sm80" and plan("int8_fp8").note is None
+
+
+def test_prefer_family_rejects_unknown_names():
+    with pytest.raises(ValueError, match="family must be one of"), dispatch.prefer_family("sm75"):
+        pass
 
 
 def test_private_plan_with_a_fake_cc(fresh_state, monkeypatch):
     monkeypatch.setattr(capability, "kernel_status", lambda: LOADED)
-    monkeypatch.setattr(capability, "kernels_run_on", lambda device: True)
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
     p = dispatch._plan(Mode.INT4_FP8, "cuda", (9, 0), 128, torch.float16, False)
     assert p.mode is Mode.INT8_FP8 and "emulated on sm_90" in p.note
 
@@ -283,7 +320,7 @@ def test_private_plan_with_a_fake_cc(fresh_state, monkeypatch):
 def test_kernels_without_code_for_this_gpu_fall_back(gpu, monkeypatch):
     """A build that lacks this GPU's architecture (e.g. a newer GPU) must fall back, not fail at launch."""
     gpu((10, 0))
-    monkeypatch.setattr(capability, "kernels_run_on", lambda device: False)
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": False)
     dispatch.clear_cache()
     p = plan("int8_fp8")
     assert p.fallback and "no code for sm_100" in p.reason

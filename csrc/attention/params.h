@@ -13,6 +13,11 @@ constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
 constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
+// The wgmma family's tile (comfy_sage/tiling.py SM90): two consumer warpgroups of 64 Q rows (warps of 16),
+// 128 keys a step; its K scales are per 128-key block.
+constexpr int kSm90BlockQ = 128;
+constexpr int kSm90BlockK = 128;
+
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // The caller's Q, K, V and output: [batch, heads, tokens, head_dim] addressed through strides, so the
@@ -26,6 +31,7 @@ struct TensorView {
 struct Shape {
   int batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, padded_dim;
   int padded_q, padded_kv;  // seq_q, seq_kv rounded up to the CTA's Q and K blocks
+  int block_k;              // the attention kernel's K block: the unit of K's quantization groups
 };
 
 // Buffers written by the fused quantization and read by the attention kernel (all contiguous).

@@ -324,7 +324,14 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
                          stream>>>(a);
   }
   if (a.qk_bits == 8) {
-    quant_kv_kernel<T, kDim, kSm80BlockK, 8><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
+    if constexpr (kDim <= 128) {  // the wgmma kernel's 128-key groups (head dims 64 and 128 only)
+      if (s.block_k == kSm90BlockK) {
+        quant_kv_kernel<T, kDim, kSm90BlockK, 8><<<dim3(s.padded_kv / kSm90BlockK, bh_kv), kThreads, 0, stream>>>(a);
+      }
+    }
+    if (s.block_k == kSm80BlockK) {
+      quant_kv_kernel<T, kDim, kSm80BlockK, 8><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
+    }
     quant_q_kernel<T, kDim, kSm80WarpQ, 8, 4><<<dim3(s.padded_q / 64, bh_q), 128, 0, stream>>>(a);
   } else {  // INT4: the Q CTA is the attention kernel's Q block, whose mean Q smoothing removes
     constexpr int kBlockQ = sm80_block_q(kDim), kWarps = kBlockQ / kSm80WarpQ;

@@ -1,23 +1,17 @@
-"""The mma.sync kernels against the reference configured with their tiling, on fresh random inputs.
-
-Error is relative L1 against float64 attention; a kernel passes when its error is at most 1.5 × the
-reference's own error + 1e-3. Outputs are poisoned with NaN before each call (the allocator hands the
-poisoned block to the op's output, which the test checks), so any element the kernel leaves unwritten shows.
-"""
+"""The mma.sync kernels against the reference configured with their tiling, on fresh random inputs
+(see kernel_checks.py for the criterion and the poisoning)."""
 
 from __future__ import annotations
 
 import itertools
-import math
-import random
 
 import pytest
 import torch
+from kernel_checks import assert_as_accurate_as_reference, check, inputs, poisoned, seed
 
 import comfy_sage
 from comfy_sage import dispatch, reference
 from comfy_sage.modes import Mode
-from comfy_sage.testing import make_qkv
 from comfy_sage.tiling import SM80, sm80_tiling
 
 MODES = (Mode.INT8_FP8, Mode.INT8_FP16)
@@ -25,76 +19,11 @@ HEAD_DIMS = (64, 128, 256, 40, 80, 96, 160)
 LENGTHS = ((1, 1), (77, 77), (1000, 1000), (4097, 4097), (300, 1000), (1000, 300))
 
 
-def _seed() -> int:
-    return random.randrange(2**31)
-
-
-def _inputs(seed, *, heads_q, heads_kv, nq, nkv, d, dtype, layout, kind="normal", batch=1):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = make_qkv(
-        batch, heads_q, nq, d, heads_kv=heads_kv, seq_kv=nkv, dtype=dtype, device="cuda", layout=layout,
-        kind=kind, generator=g,
-    )  # fmt: skip
-    return q, k, v
-
-
-def _poisoned(like: torch.Tensor, fn, *args, **kwargs):
-    """Call `fn` after freeing a NaN-filled block the size of its output; (result, whether it reused it)."""
-    poison = torch.full_like(like, math.nan)
-    ptr = poison.data_ptr()
-    del poison
-    result = fn(*args, **kwargs)
-    out = result[0] if isinstance(result, tuple) else result
-    return result, out.data_ptr() == ptr
-
-
-def _exact_lse(q, k, layout, causal):
-    """Natural-log LSE of the scaled logits in float64, [B, H_q, N_q] (bottom-right causal)."""
-    qh, kh = (t.transpose(1, 2) if layout == "NHD" else t for t in (q, k))
-    kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], 1).double()
-    s = (qh.double() @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
-    if causal:
-        nq, nkv = s.shape[-2:]
-        visible = torch.arange(nkv, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nkv - nq
-        s = s.masked_fill(~visible, -math.inf)
-    return torch.logsumexp(s, -1)
-
-
-def _assert_as_accurate_as_reference(out, lse, q, k, v, mode, tiling, layout, causal, where):
-    """Output and LSE errors against float64 at most 1.5 × the reference's own (same mode, tiling and ΔS
-    arithmetic) + 1e-3."""
-    truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
-    ref, ref_lse = reference.sageattn(
-        q, k, v, mode=mode, tensor_layout=layout, is_causal=causal, tiling=tiling, delta_s="int8", return_lse=True
-    )
-    err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
-    assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
-    seen = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), seen), where
-    true_lse = _exact_lse(q, k, layout, causal)
-    lse_err = (lse[seen].double() - true_lse[seen]).abs().mean()
-    ref_lse_err = (ref_lse[seen].double() - true_lse[seen]).abs().mean()
-    assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs reference {ref_lse_err:.5f} ({where})"
-
-
-def _check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal"):
-    seed = _seed()
-    q, k, v = _inputs(
-        seed, heads_q=2 * gqa, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, batch=batch, kind=kind
-    )
-    plan = dispatch.plan(mode, q.device, d, dtype, False)
-    assert not plan.fallback, plan.reason
-    (out, lse), reused = _poisoned(
-        q, comfy_sage.sageattn, q, k, v, mode=mode, is_causal=causal, tensor_layout=layout, return_lse=True
-    )
-    where = f"seed {seed}, {mode.value} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
-    assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
-    assert out.shape == q.shape and out.dtype == dtype
-    assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-    _assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
-    if causal and nq > nkv:  # rows that see no key
-        rows = out.transpose(1, 2) if layout == "NHD" else out
-        assert (rows[:, :, : nq - nkv] == 0).all(), where
+@pytest.fixture(autouse=True)
+def _mma_sync_family():
+    """On Hopper `int8_fp8` runs the wgmma kernel by default: these tests pin the mma.sync family."""
+    with dispatch.prefer_family("sm80"):
+        yield
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
@@ -106,12 +35,12 @@ def test_matrix(mode, causal, nq, nkv):
     for i, (d, layout) in enumerate(itertools.product(HEAD_DIMS, ("HND", "NHD"))):
         gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
         kind = ("normal", "biased")[(i // 4) % 2]
-        _check(mode, d, causal, layout, gqa, dtype, nq, nkv, kind=kind)
+        check(mode, d, causal, layout, gqa, dtype, nq, nkv, kind=kind)
 
 
 def test_batch_and_int4_request():
     """B > 1, and an INT4 request (runs INT8 where INT4 is emulated or not built) still matches the reference."""
-    _check(Mode.INT8_FP8, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3)
+    check(Mode.INT8_FP8, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3)
     plan = dispatch.plan(Mode.INT4_FP8, torch.device("cuda"), 128, torch.bfloat16, False)
     assert not plan.fallback and plan.mode.qk_bits == 8 and plan.note
 
@@ -119,7 +48,7 @@ def test_batch_and_int4_request():
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_accuracy_n4096(mode, record_property):
     """Accuracy vs float64 on random-normal inputs, N = 4096, D = 128 (README numbers)."""
-    q, k, v = _inputs(_seed(), heads_q=8, heads_kv=8, nq=4096, nkv=4096, d=128, dtype=torch.bfloat16, layout="HND")
+    q, k, v = inputs(seed(), heads_q=8, heads_kv=8, nq=4096, nkv=4096, d=128, dtype=torch.bfloat16, layout="HND")
     truth = reference.exact.attention(q, k, v)
     acc = reference.accuracy(comfy_sage.sageattn(q, k, v, mode=mode), truth)
     ref = reference.accuracy(reference.sageattn(q, k, v, mode=mode, tiling=SM80), truth)
@@ -135,7 +64,7 @@ def test_accuracy_n4096(mode, record_property):
 @pytest.mark.parametrize("mode", MODES, ids=str)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 def test_large_values_stay_finite(mode, dtype):
-    q, k, v = _inputs(_seed(), heads_q=2, heads_kv=2, nq=300, nkv=300, d=128, dtype=torch.float32, layout="HND")
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=300, nkv=300, d=128, dtype=torch.float32, layout="HND")
     q, k, v = ((t * 2500).clamp(-1e4, 1e4).to(dtype) for t in (q, k, v))
     out = comfy_sage.sageattn(q, k, v, mode=mode, is_causal=True)
     assert torch.isfinite(out).all()
@@ -147,26 +76,27 @@ def test_large_values_stay_finite(mode, dtype):
 
 
 def test_float32_inputs_return_float32():
-    q, k, v = _inputs(_seed(), heads_q=2, heads_kv=2, nq=200, nkv=200, d=64, dtype=torch.float32, layout="HND")
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=200, nkv=200, d=64, dtype=torch.float32, layout="HND")
     out = comfy_sage.sageattn(q, k, v, mode="int8_fp8")
     assert out.dtype == torch.float32
     assert reference.cosine_similarity(out, reference.exact.attention(q, k, v)) > 0.999
 
 
 def test_opcheck():
-    q, k, v = _inputs(_seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
+    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
     for layout, causal, lse in ((0, False, True), (0, True, False)):
-        torch.library.opcheck(torch.ops.comfy_sage.attention.default, (q, k, v, layout, 8, True, causal, 0.125, lse))
+        args = (q, k, v, layout, 8, True, causal, 0.125, lse, 80)
+        torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
 
 
 def test_compile_fullgraph():
-    q, k, v = _inputs(_seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
     compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)
 
 
 def test_runs_on_the_current_stream():
-    q, k, v = _inputs(_seed(), heads_q=2, heads_kv=2, nq=512, nkv=512, d=128, dtype=torch.bfloat16, layout="HND")
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=512, nkv=512, d=128, dtype=torch.bfloat16, layout="HND")
     expected = comfy_sage.sageattn(q, k, v)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -177,7 +107,7 @@ def test_runs_on_the_current_stream():
 
 
 def test_cuda_graph_capture():
-    q, k, v = _inputs(_seed(), heads_q=2, heads_kv=2, nq=512, nkv=512, d=128, dtype=torch.bfloat16, layout="HND")
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=512, nkv=512, d=128, dtype=torch.bfloat16, layout="HND")
     expected = comfy_sage.sageattn(q, k, v)
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
@@ -194,7 +124,7 @@ def test_cuda_graph_capture():
 def _int4_call(q, k, v, layout, pv_fp8, causal):
     """The INT4 kernel directly: on an H100 the dispatcher sends INT4 requests to INT8 (INT4 is emulated)."""
     code = 0 if layout == "HND" else 1
-    return torch.ops.comfy_sage.attention(q, k, v, code, 4, pv_fp8, causal, q.shape[-1] ** -0.5, True)
+    return torch.ops.comfy_sage.attention(q, k, v, code, 4, pv_fp8, causal, q.shape[-1] ** -0.5, True, 80)
 
 
 @pytest.mark.parametrize("pv_fp8", (True, False), ids=("fp8", "fp16"))
@@ -206,20 +136,20 @@ def test_int4_matrix(pv_fp8, causal, nq, nkv):
     for i, (d, layout) in enumerate(itertools.product(HEAD_DIMS, ("HND", "NHD"))):
         gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
         kind = ("normal", "biased")[(i // 4) % 2]
-        seed = _seed()
-        q, k, v = _inputs(seed, heads_q=2 * gqa, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, kind=kind)
-        where = f"seed {seed}, {mode.value} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
-        (out, lse), reused = _poisoned(q, _int4_call, q, k, v, layout, pv_fp8, causal)
+        s = seed()
+        q, k, v = inputs(s, heads_q=2 * gqa, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, kind=kind)
+        where = f"seed {s}, {mode.value} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
+        (out, lse), reused = poisoned(q, _int4_call, q, k, v, layout, pv_fp8, causal)
         assert reused, where
         assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-        _assert_as_accurate_as_reference(out, lse, q, k, v, mode, sm80_tiling(d), layout, causal, where)
+        assert_as_accurate_as_reference(out, lse, q, k, v, mode, sm80_tiling(d), layout, causal, where)
 
 
 @pytest.mark.parametrize("pv_fp8", (True, False), ids=("fp8", "fp16"))
 def test_int4_q_smoothing_pays_in_the_kernel(pv_fp8):
     """On biased inputs the INT4 kernel (Q+K smoothing) beats INT4 with K smoothing only by a clear margin."""
     mode = Mode.INT4_FP8 if pv_fp8 else Mode.INT4_FP16
-    q, k, v = _inputs(_seed(), heads_q=8, heads_kv=8, nq=2048, nkv=2048, d=128, dtype=torch.bfloat16,
+    q, k, v = inputs(seed(), heads_q=8, heads_kv=8, nq=2048, nkv=2048, d=128, dtype=torch.bfloat16,
                       layout="HND", kind="biased")  # fmt: skip
     truth = reference.exact.attention(q, k, v)
     kernel = reference.accuracy(_int4_call(q, k, v, "HND", pv_fp8, False)[0], truth)

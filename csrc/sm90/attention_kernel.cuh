@@ -1,0 +1,228 @@
+// The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 P·V on warpgroup tensor cores.
+//
+// One CTA = one (batch, q head, block of kSm90BlockQ = 128 query rows); three warpgroups:
+//   warpgroup 0, the producer: one thread loads Q once and then K and V blocks of kSm90BlockK = 128 keys
+//     through TMA into a ring of kStages shared-memory stages ("full" mbarriers complete on the bytes;
+//     "empty" mbarriers count the consumer warps that are done with a stage). It gives its registers away
+//     (setmaxnreg) to
+//   warpgroups 1 and 2, the consumers, each owning 64 query rows. Per K block:
+//     S = Q̂·K̂ᵀ: wgmma m64n128k32 s8 with both operands in shared memory (128- or 64-byte swizzle, as TMA
+//       wrote them), dequantized with one multiply: a lane's elements share one Q scale (rows g, g+8 of its
+//       warp's 16) and one K scale (its columns 2t, 2t+1 of every 8; the quantization uses 128-key groups);
+//     masking (key padding, bottom-right causal), online softmax in base 2 (softmax.cuh);
+//     O += P̃·V: P̃ in FP8 e4m3 straight from the S registers as the A operand of wgmma m64nDk32 (V's tokens
+//       are permuted by the quantization so no shuffle is needed, as in the mma.sync kernel), V^T in shared
+//       memory; each block's product in a fresh accumulator added into fp32 O (two-level accumulation).
+// Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include "../attention/params.h"
+#include "../attention/softmax.cuh"
+#include "../common/constants.cuh"
+#include "../common/ptx.cuh"
+#include "../common/ptx_sm90.cuh"
+#include "../common/vec.cuh"
+
+namespace comfy_sage {
+
+// Kernel parameters: the three TMA descriptors must live in parameter space (__grid_constant__).
+struct Sm90Params {
+  CUtensorMap q_map;  // INT8 Q  [B·Hq][padded_q][D], box D × 128 × 1
+  CUtensorMap k_map;  // INT8 K  [B·Hkv][padded_kv][D], box D × 128 × 1
+  CUtensorMap v_map;  // FP8 V^T [B·Hkv][D][padded_kv], box 128 × D × 1
+  AttentionArgs args;
+};
+
+template <int kDim>
+struct Sm90Traits {
+  static constexpr int kConsumers = 2;                    // consumer warpgroups
+  static constexpr int kWgRows = 64;                      // query rows per consumer
+  static constexpr int kBlockQ = kConsumers * kWgRows;   // = kSm90BlockQ
+  static constexpr int kBlockK = kSm90BlockK;
+  static constexpr int kThreads = (kConsumers + 1) * 128;
+  static constexpr int kStages = 2;
+  static constexpr int kQBytes = kBlockQ * kDim;  // INT8 rows of kDim bytes
+  static constexpr int kKBytes = kBlockK * kDim;
+  static constexpr int kVBytes = kDim * kBlockK;  // FP8 V^T: kDim rows of kBlockK bytes
+  static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  // +1024: the tiles need 1024-byte alignment (one 128-byte swizzle pattern), dynamic shared memory has less.
+  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes + 1024;
+  static constexpr int kSTiles = kBlockK / 8;  // 8-column tiles of S per row
+  static constexpr int kOTiles = kDim / 8;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
+  static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
+  static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "register file");
+};
+
+template <int kDim>
+__global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
+    sm90_attention_kernel(const __grid_constant__ Sm90Params p) {
+  using Tr = Sm90Traits<kDim>;
+  const AttentionArgs& a = p.args;
+  const Shape& s = a.shape;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t s_q = base;
+  auto s_k = [&](int stage) { return base + Tr::kQBytes + stage * Tr::kKBytes; };
+  auto s_v = [&](int stage) { return base + Tr::kQBytes + Tr::kStages * Tr::kKBytes + stage * Tr::kVBytes; };
+  const uint32_t bars = base + Tr::kQBytes + Tr::kStages * (Tr::kKBytes + Tr::kVBytes);
+  const uint32_t q_full = bars;
+  auto full = [&](int stage) { return bars + 8 * (1 + stage); };
+  auto empty = [&](int stage) { return bars + 8 * (1 + Tr::kStages + stage); };
+
+  const int num_q_blocks = s.padded_q / Tr::kBlockQ;
+  const int q_block = a.causal ? num_q_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int hq = blockIdx.y, b = blockIdx.z;
+  const int hkv = hq / (s.heads_q / s.heads_kv);
+  const int bhq = b * s.heads_q + hq, bhkv = b * s.heads_kv + hkv;
+  const int q0 = q_block * Tr::kBlockQ;
+  const int diag = s.seq_kv - s.seq_q;  // key j is visible to row i iff j <= i + diag (causal)
+  int num_k_blocks = (s.seq_kv + Tr::kBlockK - 1) / Tr::kBlockK;
+  if (a.causal) {
+    const int last_key = q0 + Tr::kBlockQ - 1 + diag;
+    num_k_blocks = last_key < 0 ? 0 : min(num_k_blocks, last_key / Tr::kBlockK + 1);
+  }
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int i = 0; i < Tr::kStages; ++i) {
+      mbar_init(full(i), 1);
+      mbar_init(empty(i), Tr::kConsumers * 4);  // lane 0 of every consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {  // ---- producer ----
+    setmaxnreg_dec<Tr::kProducerRegs>();
+    if (threadIdx.x == 0 && num_k_blocks > 0) {
+      prefetch_tensor_map(&p.q_map);
+      prefetch_tensor_map(&p.k_map);
+      prefetch_tensor_map(&p.v_map);
+      mbar_arrive_expect_tx(q_full, Tr::kQBytes);
+      tma_load_3d(s_q, &p.q_map, 0, q0, bhq, q_full);
+      for (int kb = 0; kb < num_k_blocks; ++kb) {
+        const int stage = kb % Tr::kStages, use = kb / Tr::kStages;
+        if (use > 0) mbar_wait(empty(stage), (use - 1) & 1);
+        mbar_arrive_expect_tx(full(stage), Tr::kKBytes + Tr::kVBytes);
+        tma_load_3d(s_k(stage), &p.k_map, 0, kb * Tr::kBlockK, bhkv, full(stage));
+        tma_load_3d(s_v(stage), &p.v_map, kb * Tr::kBlockK, 0, bhkv, full(stage));
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  setmaxnreg_inc<Tr::kConsumerRegs>();
+  const int c = wg - 1;
+  const int warp = (threadIdx.x / kWarpSize) % 4, lane = threadIdx.x % kWarpSize;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = q0 + c * Tr::kWgRows + warp * 16 + g;  // this lane's rows: row0 and row0 + 8
+  const float q_scale = a.buf.q_scale[(static_cast<int64_t>(bhq) * (s.padded_q / 16) + row0 / 16) * kRowGroups + g];
+  const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
+  const uint64_t desc_q = make_smem_desc(s_q + c * Tr::kWgRows * kDim, kDim);
+
+  float o[Tr::kOTiles][4] = {};
+  OnlineSoftmax<Tr::kSTiles> softmax;
+  if (num_k_blocks > 0) mbar_wait(q_full, 0);
+
+  for (int kb = 0; kb < num_k_blocks; ++kb) {
+    const int stage = kb % Tr::kStages, use = kb / Tr::kStages;
+    mbar_wait(full(stage), use & 1);
+
+    // S = Q̂·K̂ᵀ
+    int32_t acc[Tr::kSTiles * 4];
+    const uint64_t desc_k = make_smem_desc(s_k(stage), kDim);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kDim / 32; ++kk) wgmma_m64n128k32_s8(acc, desc_q + 2 * kk, desc_k + 2 * kk, kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(acc);
+
+    // Dequantize (one scale per lane, kept positive so masked -inf stays -inf), mask, softmax.
+    const float scale = fmaxf(q_scale * k_scales[kb * kColGroups + t], kMinScale);
+    const int key0 = kb * Tr::kBlockK;
+    const bool needs_mask =
+        key0 + Tr::kBlockK > s.seq_kv || (a.causal && key0 + Tr::kBlockK - 1 > q0 + c * Tr::kWgRows + diag);
+    float sf[Tr::kSTiles][4];
+#pragma unroll
+    for (int n = 0; n < Tr::kSTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sf[n][e] = static_cast<float>(acc[4 * n + e]);
+        if (needs_mask) {
+          const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+          if (key >= s.seq_kv || (a.causal && key > row + diag)) sf[n][e] = -kInf;
+        }
+      }
+    }
+    softmax.step(sf, o, scale, kLog2Fp8Max);
+
+    // O += P̃·V, 32 keys per wgmma; A register r of k step j: tiles 4j + 2(r / 2), +1, row half r % 2.
+    uint32_t pa[Tr::kBlockK / 32][4];
+#pragma unroll
+    for (int j = 0; j < Tr::kBlockK / 32; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
+        pa[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                   (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+      }
+    }
+    float blk[Tr::kOTiles * 4];
+    const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < Tr::kBlockK / 32; ++j) {
+      if constexpr (kDim == 128) {
+        wgmma_m64n128k32_e4m3(blk, pa[j], desc_v + 2 * j, j);
+      } else {
+        wgmma_m64n64k32_e4m3(blk, pa[j], desc_v + 2 * j, j);
+      }
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_registers(blk);
+    if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] += blk[4 * n + e];
+    }
+  }
+
+  // ---- epilogue ----
+  softmax.reduce_sums();
+  const float* v_amax = a.buf.v_amax + static_cast<int64_t>(bhkv) * s.padded_dim;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + half * 8;
+    if (row >= s.seq_q) continue;
+    const float inv_l = softmax.l[half] > 0.f ? __frcp_rn(softmax.l[half]) : 0.f;
+    uint16_t* out = static_cast<uint16_t*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
+                    static_cast<int64_t>(row) * a.out.token_stride;
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) {
+      const int col = n * 8 + 2 * t;
+      if (col >= s.head_dim) continue;
+      const float x0 = o[n][2 * half] * inv_l * (v_amax[col] * (1.f / kFp8Max));
+      const float x1 = o[n][2 * half + 1] * inv_l * (v_amax[col + 1] * (1.f / kFp8Max));
+      *reinterpret_cast<uint32_t*>(out + col) = a.dtype == DType::kBFloat16
+                                                     ? Elem<__nv_bfloat16>::from_float2(x0, x1)
+                                                     : Elem<__half>::from_float2(x0, x1);
+    }
+    if (a.lse != nullptr && t == 0) {
+      float lse = softmax.lse(half, kLog2Fp8Max);
+      lse += a.buf.q_dot_kmean[static_cast<int64_t>(bhq) * s.seq_q + row] * a.sm_scale;
+      a.lse[static_cast<int64_t>(bhq) * s.seq_q + row] = lse;
+    }
+  }
+}
+
+}  // namespace comfy_sage

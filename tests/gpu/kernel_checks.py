@@ -1,0 +1,92 @@
+"""Checks shared by the kernel families' GPU tests: inputs, poisoned outputs, and the comparison with the reference.
+
+Error is relative L1 against float64 attention; a kernel passes when its error is at most 1.5 × the
+reference's own error (same mode and tiling) + 1e-3. Outputs are poisoned with NaN before each call (the
+allocator hands the poisoned block to the op's output, which `check` verifies), so any element the kernel
+leaves unwritten shows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+import comfy_sage
+from comfy_sage import dispatch, reference
+from comfy_sage.testing import make_qkv
+
+
+def seed() -> int:
+    return random.randrange(2**31)
+
+
+def inputs(seed, *, heads_q, heads_kv, nq, nkv, d, dtype, layout, kind="normal", batch=1):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make_qkv(
+        batch, heads_q, nq, d, heads_kv=heads_kv, seq_kv=nkv, dtype=dtype, device="cuda", layout=layout,
+        kind=kind, generator=g,
+    )  # fmt: skip
+    return q, k, v
+
+
+def poisoned(like: torch.Tensor, fn, *args, **kwargs):
+    """Call `fn` after freeing a NaN-filled block the size of its output; (result, whether it reused it)."""
+    poison = torch.full_like(like, math.nan)
+    ptr = poison.data_ptr()
+    del poison
+    result = fn(*args, **kwargs)
+    out = result[0] if isinstance(result, tuple) else result
+    return result, out.data_ptr() == ptr
+
+
+def exact_lse(q, k, layout, causal):
+    """Natural-log LSE of the scaled logits in float64, [B, H_q, N_q] (bottom-right causal)."""
+    qh, kh = (t.transpose(1, 2) if layout == "NHD" else t for t in (q, k))
+    kh = kh.repeat_interleave(qh.shape[1] // kh.shape[1], 1).double()
+    s = (qh.double() @ kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
+    if causal:
+        nq, nkv = s.shape[-2:]
+        visible = torch.arange(nkv, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nkv - nq
+        s = s.masked_fill(~visible, -math.inf)
+    return torch.logsumexp(s, -1)
+
+
+def assert_as_accurate_as_reference(out, lse, q, k, v, mode, tiling, layout, causal, where):
+    """Output and LSE errors against float64 at most 1.5 × the reference's own (same mode, tiling and ΔS
+    arithmetic) + 1e-3."""
+    truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
+    ref, ref_lse = reference.sageattn(
+        q, k, v, mode=mode, tensor_layout=layout, is_causal=causal, tiling=tiling, delta_s="int8", return_lse=True
+    )
+    err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
+    assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen), where
+    true_lse = exact_lse(q, k, layout, causal)
+    lse_err = (lse[seen].double() - true_lse[seen]).abs().mean()
+    ref_lse_err = (ref_lse[seen].double() - true_lse[seen]).abs().mean()
+    assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs reference {ref_lse_err:.5f} ({where})"
+
+
+def check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal", family="sm80"):
+    """One kernel call through `sageattn` (poisoned output) against the reference, with `family`'s tiling."""
+    s = seed()
+    q, k, v = inputs(
+        s, heads_q=2 * gqa, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, batch=batch, kind=kind
+    )
+    plan = dispatch.plan(mode, q.device, d, dtype, False)
+    assert not plan.fallback, plan.reason
+    assert plan.kernel.family == family, plan
+    (out, lse), reused = poisoned(
+        q, comfy_sage.sageattn, q, k, v, mode=mode, is_causal=causal, tensor_layout=layout, return_lse=True
+    )
+    where = f"seed {s}, {plan.kernel.name} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
+    assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+    assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
+    if causal and nq > nkv:  # rows that see no key
+        rows = out.transpose(1, 2) if layout == "NHD" else out
+        assert (rows[:, :, : nq - nkv] == 0).all(), where

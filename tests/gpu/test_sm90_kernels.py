@@ -1,0 +1,109 @@
+"""The wgmma (Hopper) kernel against the reference configured with its tiling (tiling.SM90), on fresh random
+inputs (see kernel_checks.py for the criterion and the poisoning). Skips on GPUs other than sm_90."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from kernel_checks import check, inputs, seed
+
+import comfy_sage
+from comfy_sage import capability, dispatch, reference
+from comfy_sage.modes import Mode
+from comfy_sage.tiling import SM90
+
+HEAD_DIMS = (64, 128, 40, 80, 96, 120)
+LENGTHS = ((1, 1), (77, 77), (1000, 1000), (4097, 4097), (300, 1000), (1000, 300), (128, 256), (129, 127))
+
+
+@pytest.fixture(autouse=True)
+def _wgmma_family():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU (H100/H200)")
+    if not capability.kernels_run_on(torch.device("cuda"), "sm90"):
+        pytest.skip("this build has no sm_90a code")
+    with dispatch.prefer_family("sm90"):
+        yield
+
+
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+@pytest.mark.parametrize("nq,nkv", LENGTHS, ids=lambda x: str(x))
+def test_matrix(causal, nq, nkv):
+    """INT8+FP8 × causal × length, across head dims × both layouts, with GQA, the dtype and the input kind
+    alternating."""
+    for i, (d, layout) in enumerate(itertools.product(HEAD_DIMS, ("HND", "NHD"))):
+        gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
+        kind = ("normal", "biased")[(i // 4) % 2]
+        check(Mode.INT8_FP8, d, causal, layout, gqa, dtype, nq, nkv, kind=kind, family="sm90")
+
+
+def test_batch_gqa_causal():
+    check(Mode.INT8_FP8, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3, family="sm90")
+    check(Mode.INT8_FP8, 64, False, "HND", 8, torch.float16, 2000, 3001, batch=2, family="sm90")
+
+
+def test_auto_runs_the_wgmma_kernel():
+    plan = dispatch.plan(Mode.AUTO, torch.device("cuda"), 128, torch.bfloat16, False)
+    assert plan.kernel.name == "sm90_int8_fp8"
+
+
+def test_accuracy_n4096(record_property):
+    """Accuracy vs float64 on random-normal inputs, N = 4096, D = 128, next to the mma.sync kernel's."""
+    q, k, v = inputs(seed(), heads_q=8, heads_kv=8, nq=4096, nkv=4096, d=128, dtype=torch.bfloat16, layout="HND")
+    truth = reference.exact.attention(q, k, v)
+    acc = reference.accuracy(comfy_sage.sageattn(q, k, v, mode="int8_fp8"), truth)
+    ref = reference.accuracy(reference.sageattn(q, k, v, mode="int8_fp8", tiling=SM90), truth)
+    print(f"sm90_int8_fp8: kernel cos {acc['cos_sim']:.6f} rel L1 {acc['rel_l1']:.5f}; "
+          f"reference cos {ref['cos_sim']:.6f} rel L1 {ref['rel_l1']:.5f}")  # fmt: skip
+    record_property("accuracy", acc)
+    assert acc["cos_sim"] >= 0.9992 and acc["rel_l1"] <= 0.040, acc
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_large_values_stay_finite(dtype):
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=300, nkv=300, d=128, dtype=torch.float32, layout="HND")
+    q, k, v = ((t * 2500).clamp(-1e4, 1e4).to(dtype) for t in (q, k, v))
+    out = comfy_sage.sageattn(q, k, v, mode="int8_fp8", is_causal=True)
+    assert torch.isfinite(out).all()
+    truth = reference.exact.attention(q, k, v, is_causal=True)
+    ref = reference.sageattn(q, k, v, mode="int8_fp8", is_causal=True, tiling=SM90)
+    assert reference.relative_l1(out, truth) <= 1.5 * reference.relative_l1(ref, truth) + 1e-3
+
+
+def test_opcheck():
+    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
+    for layout, causal, lse in ((0, False, True), (0, True, False)):
+        args = (q, k, v, layout, 8, True, causal, 0.125, lse, 90)
+        torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
+
+
+def test_compile_fullgraph():
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
+    compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)
+
+
+def test_cuda_graph_capture_and_side_stream():
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=512, nkv=512, d=128, dtype=torch.bfloat16, layout="HND")
+    expected = comfy_sage.sageattn(q, k, v)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = comfy_sage.sageattn(q, k, v)
+        with torch.cuda.graph(graph):
+            out = comfy_sage.sageattn(q, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.testing.assert_close(eager, expected, atol=0, rtol=0)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+def test_wrong_family_requests_are_refused():
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=64, nkv=64, d=256, dtype=torch.float16, layout="HND")
+    with pytest.raises(RuntimeError, match="head_dim up to 128"):
+        torch.ops.comfy_sage.attention(q, k, v, 0, 8, True, False, 0.0625, False, 90)
+    with pytest.raises(RuntimeError, match="INT8 Q·K\\^T with FP8 P·V only"):
+        torch.ops.comfy_sage.attention(q[..., :128], k[..., :128], v[..., :128], 0, 8, False, False, 0.1, False, 90)
