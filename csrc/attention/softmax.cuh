@@ -16,6 +16,7 @@ template <int kTiles>
 struct OnlineSoftmax {
   float m[2] = {-kInf, -kInf};  // running row max (log2 domain)
   float l[2] = {0.f, 0.f};                      // running row sum of P̃, this lane's keys only
+  float alpha[2] = {1.f, 1.f};                  // the last step's rescale factor exp2(m_old − m_new)
 
   // Turns one K block's unscaled scores `s` (the log2-domain score is s·scale, scale > 0) into P̃ in place,
   // rescales `o` by exp2(m_old − m_new) and adds the block's row sums. `offset` is added to every exponent
@@ -34,6 +35,7 @@ struct OnlineSoftmax {
       const float m_new = fmaxf(m[half], mx);
       const float m_use = m_new == -kInf ? 0.f : m_new;
       const float alpha = fast_exp2(m[half] - m_use);
+      this->alpha[half] = alpha;
       const float base = m_use - offset;
       float sum = 0.f;
 #pragma unroll

@@ -91,6 +91,22 @@ __device__ __forceinline__ void fence_registers(int32_t (&r)[kN]) {
 #pragma unroll
   for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
+// Register A operands of a wgmma must keep their registers until the wgmma completes. ptxas allocates
+// registers as if the wgmma read them at issue, and when it reuses one early it waits for the wgmma first,
+// which undoes any overlap. An empty asm statement (fence_registers) does not reach ptxas, so this folds
+// the operands into a value that depends on `after` (a register the wait made ready) and stores it under a
+// condition that is false at run time but unknown to the compiler: a few LOP3s, and the operands stay live.
+template <int kN>
+__device__ __forceinline__ void keep_operands_until(const uint32_t (&r)[kN][4], float after, bool never,
+                                                    float* sink) {
+  uint32_t x = __float_as_uint(after);
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x ^= r[i][j];
+  }
+  if (never) *sink = __uint_as_float(x);
+}
 
 __device__ __forceinline__ void wgmma_m64n128k32_s8(int32_t (&d)[64], uint64_t desc_a, uint64_t desc_b,
                                                     int accumulate) {

@@ -19,6 +19,8 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "../attention/params.h"
 #include "../attention/softmax.cuh"
 #include "../common/constants.cuh"
@@ -43,7 +45,7 @@ struct Sm90Traits {
   static constexpr int kBlockQ = kConsumers * kWgRows;   // = kSm90BlockQ
   static constexpr int kBlockK = kSm90BlockK;
   static constexpr int kThreads = (kConsumers + 1) * 128;
-  static constexpr int kStages = 2;
+  static constexpr int kStages = 4;  // K/V blocks in flight: the pipeline holds two while the producer fills on
   static constexpr int kQBytes = kBlockQ * kDim;  // INT8 rows of kDim bytes
   static constexpr int kKBytes = kBlockK * kDim;
   static constexpr int kVBytes = kDim * kBlockK;  // FP8 V^T: kDim rows of kBlockK bytes
@@ -52,7 +54,7 @@ struct Sm90Traits {
   static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes + 1024;
   static constexpr int kSTiles = kBlockK / 8;  // 8-column tiles of S per row
   static constexpr int kOTiles = kDim / 8;
-  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "register file");
@@ -127,55 +129,16 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
   const uint64_t desc_q = make_smem_desc(s_q + c * Tr::kWgRows * kDim, kDim);
 
-  float o[Tr::kOTiles][4] = {};
-  OnlineSoftmax<Tr::kSTiles> softmax;
-  if (num_k_blocks > 0) mbar_wait(q_full, 0);
-
-  for (int kb = 0; kb < num_k_blocks; ++kb) {
-    const int stage = kb % Tr::kStages, use = kb / Tr::kStages;
-    mbar_wait(full(stage), use & 1);
-
-    // S = Q̂·K̂ᵀ
-    int32_t acc[Tr::kSTiles * 4];
+  // S = Q̂·K̂ᵀ of one stage, issued (not waited for).
+  auto issue_qk = [&](int32_t (&acc)[Tr::kSTiles * 4], int stage) {
     const uint64_t desc_k = make_smem_desc(s_k(stage), kDim);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDim / 32; ++kk) wgmma_m64n128k32_s8(acc, desc_q + 2 * kk, desc_k + 2 * kk, kk);
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_registers(acc);
-
-    // Dequantize (one scale per lane, kept positive so masked -inf stays -inf), mask, softmax.
-    const float scale = fmaxf(q_scale * k_scales[kb * kColGroups + t], kMinScale);
-    const int key0 = kb * Tr::kBlockK;
-    const bool needs_mask =
-        key0 + Tr::kBlockK > s.seq_kv || (a.causal && key0 + Tr::kBlockK - 1 > q0 + c * Tr::kWgRows + diag);
-    float sf[Tr::kSTiles][4];
-#pragma unroll
-    for (int n = 0; n < Tr::kSTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sf[n][e] = static_cast<float>(acc[4 * n + e]);
-        if (needs_mask) {
-          const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
-          if (key >= s.seq_kv || (a.causal && key > row + diag)) sf[n][e] = -kInf;
-        }
-      }
-    }
-    softmax.step(sf, o, scale, kLog2Fp8Max);
-
-    // O += P̃·V, 32 keys per wgmma; A register r of k step j: tiles 4j + 2(r / 2), +1, row half r % 2.
-    uint32_t pa[Tr::kBlockK / 32][4];
-#pragma unroll
-    for (int j = 0; j < Tr::kBlockK / 32; ++j) {
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
-        pa[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
-                   (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
-      }
-    }
-    float blk[Tr::kOTiles * 4];
+  };
+  // blk = P̃·V of one stage (32 keys per wgmma), issued (not waited for).
+  auto issue_pv = [&](float (&blk)[Tr::kOTiles * 4], const uint32_t (&pa)[Tr::kBlockK / 32][4], int stage) {
     const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
     wgmma_fence();
 #pragma unroll
@@ -187,9 +150,105 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       }
     }
     wgmma_commit();
+  };
+  // Dequantize (one scale per lane, kept positive so masked -inf stays -inf), mask, and the softmax step
+  // (which rescales o); sf then holds P̃ in fp32.
+  // (`masked`: std::true_type for blocks with padded or causally hidden keys, std::false_type otherwise, so
+  // each loop body is straight-line code: ptxas tracks in-flight wgmma registers only within one.)
+  auto softmax_step = [&](float (&sf)[Tr::kSTiles][4], const int32_t (&acc)[Tr::kSTiles * 4], int kb,
+                          float (&o)[Tr::kOTiles][4], OnlineSoftmax<Tr::kSTiles>& softmax, auto masked) {
+    const float scale = fmaxf(q_scale * k_scales[kb * kColGroups + t], kMinScale);
+    const int key0 = kb * Tr::kBlockK;
+#pragma unroll
+    for (int n = 0; n < Tr::kSTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sf[n][e] = static_cast<float>(acc[4 * n + e]);
+        if constexpr (decltype(masked)::value) {
+          const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+          sf[n][e] = key >= s.seq_kv || (a.causal && key > row + diag) ? -kInf : sf[n][e];
+        }
+      }
+    }
+    softmax.step(sf, o, scale, kLog2Fp8Max);
+  };
+  // P̃ to FP8 A fragments: register r of k step j holds tiles 4j + 2(r / 2), +1 of row half r % 2.
+  auto pack_p = [&](uint32_t (&pa)[Tr::kBlockK / 32][4], const float (&sf)[Tr::kSTiles][4]) {
+#pragma unroll
+    for (int j = 0; j < Tr::kBlockK / 32; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
+        pa[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                   (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+      }
+    }
+  };
+
+  float o[Tr::kOTiles][4] = {};
+  OnlineSoftmax<Tr::kSTiles> softmax;
+  if (num_k_blocks > 0) {
+    mbar_wait(q_full, 0);
+    // Software pipeline: while the softmax of block kb runs on the CUDA cores, the tensor cores compute
+    // P̃·V of block kb - 1. Block kb - 1's product was taken relative to the previous row max, so it is
+    // added with block kb's rescale factor.
+    uint32_t pa[Tr::kBlockK / 32][4];
+    {
+      mbar_wait(full(0), 0);
+      int32_t acc[Tr::kSTiles * 4];
+      issue_qk(acc, 0);
+      wgmma_wait<0>();
+      fence_registers(acc);
+      float sf[Tr::kSTiles][4];
+      softmax_step(sf, acc, 0, o, softmax, std::true_type{});
+      pack_p(pa, sf);
+    }
+    auto next_block = [&](int kb, auto masked) {
+      const int stage = kb % Tr::kStages, prev = (kb - 1) % Tr::kStages;
+      mbar_wait(full(stage), (kb / Tr::kStages) & 1);
+      int32_t acc[Tr::kSTiles * 4];
+      float blk[Tr::kOTiles * 4];
+      issue_qk(acc, stage);
+      issue_pv(blk, pa, prev);
+      wgmma_wait<1>();  // S of block kb
+      fence_registers(acc);
+      float sf[Tr::kSTiles][4];
+      softmax_step(sf, acc, kb, o, softmax, masked);
+      // ptxas hoists the first reader of an in-flight accumulator, and the wait with it, as far up as the
+      // data allows: tie the readers to the row sums (the end of the exponentials) so the wait stays here.
+      // 0 · l is not folded away (IEEE), and costs one FFMA per row.
+      const float rescale[2] = {fmaf(0.f, softmax.l[0], softmax.alpha[0]),
+                                fmaf(0.f, softmax.l[1], softmax.alpha[1])};
+      wgmma_wait<0>();  // P̃·V of block kb - 1
+      fence_registers(blk);
+      keep_operands_until(pa, rescale[0], s.seq_q < 0, a.lse);
+      if (lane == 0) mbar_arrive(empty(prev));  // this warp is done with stage kb - 1
+#pragma unroll
+      for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] = fmaf(blk[4 * n + e], rescale[e >> 1], o[n][e]);
+      }
+      pack_p(pa, sf);
+    };
+    // Blocks before `first_masked` have no padded key and none hidden by the causal mask from any of this
+    // warpgroup's rows (the smallest row sees the fewest keys).
+    int first_masked = s.seq_kv % Tr::kBlockK ? num_k_blocks - 1 : num_k_blocks;
+    if (a.causal) {
+      const int hidden_after = q0 + c * Tr::kWgRows + diag - (Tr::kBlockK - 1);
+      first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
+    }
+    for (int kb = 1; kb < num_k_blocks; ++kb) {
+      if (kb < first_masked) {
+        next_block(kb, std::false_type{});
+      } else {
+        next_block(kb, std::true_type{});
+      }
+    }
+    const int last = (num_k_blocks - 1) % Tr::kStages;
+    float blk[Tr::kOTiles * 4];
+    issue_pv(blk, pa, last);
     wgmma_wait<0>();
     fence_registers(blk);
-    if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
 #pragma unroll
     for (int n = 0; n < Tr::kOTiles; ++n) {
 #pragma unroll
