@@ -37,4 +37,15 @@ for b, h, n, d, causal in SHAPES:
         ms = timed(F.scaled_dot_product_attention, q, k, v, is_causal=causal)
     row.append(f"cudnn {flops / ms / 1e9:7.1f}")
     print(" | ".join(row), flush=True)
+    if "--profile" in sys.argv:  # per-kernel GPU time of the sm90 call
+        with (
+            dispatch.prefer_family("sm90"),
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof,
+        ):
+            for _ in range(5):
+                comfy_sage.sageattn(q, k, v, mode="int8_fp8", is_causal=causal)
+            torch.cuda.synchronize()
+        for event in prof.key_averages():
+            if event.device_time_total > 0:
+                print(f"    {event.key[:60]:60s} {event.device_time_total / event.count:9.1f} us x{event.count // 5}")
 sys.exit(0)

@@ -13,9 +13,9 @@ constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
 constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
-// The wgmma family's tile (comfy_sage/tiling.py SM90): two consumer warpgroups of 64 Q rows (warps of 16),
+// The wgmma family's tile (comfy_sage/tiling.py SM90): three consumer warpgroups of 64 Q rows (warps of 16),
 // 128 keys a step; its K scales are per 128-key block.
-constexpr int kSm90BlockQ = 128;
+constexpr int kSm90BlockQ = 192;
 constexpr int kSm90BlockK = 128;
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };

@@ -14,21 +14,41 @@ namespace comfy_sage {
 
 template <int kTiles>
 struct OnlineSoftmax {
+  static constexpr int kWays = kTiles >= 2 ? 2 : kTiles;  // independent chains in the row max and sum
+
   float m[2] = {-kInf, -kInf};  // running row max (log2 domain)
   float l[2] = {0.f, 0.f};                      // running row sum of P̃, this lane's keys only
   float alpha[2] = {1.f, 1.f};                  // the last step's rescale factor exp2(m_old − m_new)
 
   // Turns one K block's unscaled scores `s` (the log2-domain score is s·scale, scale > 0) into P̃ in place,
-  // rescales `o` by exp2(m_old − m_new) and adds the block's row sums. `offset` is added to every exponent
+  // rescales `o` by alpha = exp2(m_old − m_new) and adds the block's row sums. `offset` is added to every exponent
   // (log2(448) for FP8 P, 0 for FP16 P). A lane's max is taken before scaling (scale > 0 keeps the order
   // within the lane), so each exponent costs one FFMA.
   template <int kOTiles>
   __device__ __forceinline__ void step(float (&s)[kTiles][4], float (&o)[kOTiles][4], float scale, float offset) {
+    scores(s, scale, offset);
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e >> 1];
+    }
+  }
+
+  // `step` without the rescale of o: the caller applies `alpha` itself (the wgmma kernel folds it into the
+  // addition of the previous block's P̃·V).
+  __device__ __forceinline__ void scores(float (&s)[kTiles][4], float scale, float offset) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float mx = -kInf;
+      // Max and sum as trees of kWays independent chains: a single chain of kTiles dependent FMNMX/FADD
+      // leaves the warp waiting on each one's latency (few warps per scheduler hide it).
+      float part[kWays];
 #pragma unroll
-      for (int n = 0; n < kTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      for (int w = 0; w < kWays; ++w) part[w] = -kInf;
+#pragma unroll
+      for (int n = 0; n < kTiles; ++n) {
+        part[n % kWays] = fmaxf(part[n % kWays], fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      }
+      float mx = combine_max(part);
       mx *= scale;  // each lane of the quad has its own K scale: compare scaled values across lanes
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -37,23 +57,35 @@ struct OnlineSoftmax {
       const float alpha = fast_exp2(m[half] - m_use);
       this->alpha[half] = alpha;
       const float base = m_use - offset;
-      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWays; ++w) part[w] = 0.f;
 #pragma unroll
       for (int n = 0; n < kTiles; ++n) {
 #pragma unroll
         for (int e = 2 * half; e < 2 * half + 2; ++e) {
           s[n][e] = fast_exp2(fmaf(s[n][e], scale, -base));
-          sum += s[n][e];
+          part[n % kWays] += s[n][e];
         }
       }
+      const float sum = combine_sum(part);
       l[half] = l[half] * alpha + sum;
-#pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        o[n][2 * half] *= alpha;
-        o[n][2 * half + 1] *= alpha;
-      }
       m[half] = m_new;
     }
+  }
+
+  __device__ __forceinline__ static float combine_max(const float (&p)[kWays]) {
+    if constexpr (kWays == 4) return fmaxf(fmaxf(p[0], p[1]), fmaxf(p[2], p[3]));
+    float r = p[0];
+#pragma unroll
+    for (int w = 1; w < kWays; ++w) r = fmaxf(r, p[w]);
+    return r;
+  }
+  __device__ __forceinline__ static float combine_sum(const float (&p)[kWays]) {
+    if constexpr (kWays == 4) return (p[0] + p[1]) + (p[2] + p[3]);
+    float r = p[0];
+#pragma unroll
+    for (int w = 1; w < kWays; ++w) r += p[w];
+    return r;
   }
 
   // The row sums over all 4 lanes of the quad (call once, after the last block).

@@ -40,21 +40,25 @@ struct Sm90Params {
 
 template <int kDim>
 struct Sm90Traits {
-  static constexpr int kConsumers = 2;                    // consumer warpgroups
+  static constexpr int kConsumers = 3;                    // consumer warpgroups
   static constexpr int kWgRows = 64;                      // query rows per consumer
   static constexpr int kBlockQ = kConsumers * kWgRows;   // = kSm90BlockQ
   static constexpr int kBlockK = kSm90BlockK;
   static constexpr int kThreads = (kConsumers + 1) * 128;
-  static constexpr int kStages = 4;  // K/V blocks in flight: the pipeline holds two while the producer fills on
+  static constexpr int kStages = 4;  // K/V blocks in flight
   static constexpr int kQBytes = kBlockQ * kDim;  // INT8 rows of kDim bytes
   static constexpr int kKBytes = kBlockK * kDim;
   static constexpr int kVBytes = kDim * kBlockK;  // FP8 V^T: kDim rows of kBlockK bytes
+  static constexpr int kPBytes = kWgRows * kBlockK;  // one consumer's FP8 P̃ tile
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
   // +1024: the tiles need 1024-byte alignment (one 128-byte swizzle pattern), dynamic shared memory has less.
-  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + kBarrierBytes + 1024;
+  static constexpr int kSmemBytes =
+      kQBytes + kStages * (kKBytes + kVBytes) + kConsumers * kPBytes + kBarrierBytes + 1024;
   static constexpr int kSTiles = kBlockK / 8;  // 8-column tiles of S per row
   static constexpr int kOTiles = kDim / 8;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // Three consumers fit the register file only without keeping two K blocks' accumulators live at once, so
+  // each consumer runs its block sequentially and the three interleave on the SM.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
   static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "register file");
@@ -71,7 +75,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   const uint32_t s_q = base;
   auto s_k = [&](int stage) { return base + Tr::kQBytes + stage * Tr::kKBytes; };
   auto s_v = [&](int stage) { return base + Tr::kQBytes + Tr::kStages * Tr::kKBytes + stage * Tr::kVBytes; };
-  const uint32_t bars = base + Tr::kQBytes + Tr::kStages * (Tr::kKBytes + Tr::kVBytes);
+  const uint32_t p_tiles = base + Tr::kQBytes + Tr::kStages * (Tr::kKBytes + Tr::kVBytes);
+  const uint32_t bars = p_tiles + Tr::kConsumers * Tr::kPBytes;
   const uint32_t q_full = bars;
   auto full = [&](int stage) { return bars + 8 * (1 + stage); };
   auto empty = [&](int stage) { return bars + 8 * (1 + Tr::kStages + stage); };
@@ -128,6 +133,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   const float q_scale = a.buf.q_scale[(static_cast<int64_t>(bhq) * (s.padded_q / 16) + row0 / 16) * kRowGroups + g];
   const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
   const uint64_t desc_q = make_smem_desc(s_q + c * Tr::kWgRows * kDim, kDim);
+  const uint32_t s_p = p_tiles + c * Tr::kPBytes;
 
   // S = Q̂·K̂ᵀ of one stage, issued (not waited for).
   auto issue_qk = [&](int32_t (&acc)[Tr::kSTiles * 4], int stage) {
@@ -137,16 +143,17 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     for (int kk = 0; kk < kDim / 32; ++kk) wgmma_m64n128k32_s8(acc, desc_q + 2 * kk, desc_k + 2 * kk, kk);
     wgmma_commit();
   };
-  // blk = P̃·V of one stage (32 keys per wgmma), issued (not waited for).
-  auto issue_pv = [&](float (&blk)[Tr::kOTiles * 4], const uint32_t (&pa)[Tr::kBlockK / 32][4], int stage) {
+  // blk = P̃·V of one stage (32 keys per wgmma), P̃ from this consumer's shared-memory tile; issued.
+  const uint64_t desc_p = make_smem_desc(s_p, Tr::kBlockK);
+  auto issue_pv = [&](float (&blk)[Tr::kOTiles * 4], int stage) {
     const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
       if constexpr (kDim == 128) {
-        wgmma_m64n128k32_e4m3(blk, pa[j], desc_v + 2 * j, j);
+        wgmma_m64n128k32_e4m3_ss(blk, desc_p + 2 * j, desc_v + 2 * j, j);
       } else {
-        wgmma_m64n64k32_e4m3(blk, pa[j], desc_v + 2 * j, j);
+        wgmma_m64n64k32_e4m3_ss(blk, desc_p + 2 * j, desc_v + 2 * j, j);
       }
     }
     wgmma_commit();
@@ -156,8 +163,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   // (`masked`: std::true_type for blocks with padded or causally hidden keys, std::false_type otherwise, so
   // each loop body is straight-line code: ptxas tracks in-flight wgmma registers only within one.)
   auto softmax_step = [&](float (&sf)[Tr::kSTiles][4], const int32_t (&acc)[Tr::kSTiles * 4], int kb,
-                          float (&o)[Tr::kOTiles][4], OnlineSoftmax<Tr::kSTiles>& softmax, auto masked) {
-    const float scale = fmaxf(q_scale * k_scales[kb * kColGroups + t], kMinScale);
+                          float k_scale, OnlineSoftmax<Tr::kSTiles>& softmax, auto masked) {
+    const float scale = fmaxf(q_scale * k_scale, kMinScale);
     const int key0 = kb * Tr::kBlockK;
 #pragma unroll
     for (int n = 0; n < Tr::kSTiles; ++n) {
@@ -170,66 +177,68 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
         }
       }
     }
-    softmax.step(sf, o, scale, kLog2Fp8Max);
+    softmax.scores(sf, scale, kLog2Fp8Max);
   };
-  // P̃ to FP8 A fragments: register r of k step j holds tiles 4j + 2(r / 2), +1 of row half r % 2.
-  auto pack_p = [&](uint32_t (&pa)[Tr::kBlockK / 32][4], const float (&sf)[Tr::kSTiles][4]) {
+  // P̃ in FP8 into this consumer's tile: 64 rows of 128 key bytes, 128-byte swizzled (16-byte chunk index
+  // XOR row mod 8) as the wgmma descriptor reads it. Keys of k step j sit at bytes 32j.. of the row in the
+  // A-fragment order (V's tokens are permuted to match): the 4 bytes a lane packs from tiles 4j + 2h, +1
+  // go to chunk 2j + h, bytes 4t..4t+3. Each store instruction of a warp covers 32 distinct banks. The
+  // tile is complete, and visible to the tensor cores, after the warpgroup's barrier that follows.
+  auto store_p = [&](const float (&sf)[Tr::kSTiles][4]) {
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
-        pa[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
-                   (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+        const uint32_t word = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                              (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+        const int row = warp * 16 + g + 8 * (r & 1), chunk = (2 * j + (r >> 1)) ^ g;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_p + row * Tr::kBlockK + chunk * 16 + 4 * t), "r"(word)
+                     : "memory");
       }
     }
+    fence_proxy_async();             // the tensor cores read it through the async proxy
+    named_barrier_sync(1 + c, 128);  // the whole tile is written
   };
 
   float o[Tr::kOTiles][4] = {};
   OnlineSoftmax<Tr::kSTiles> softmax;
-  if (num_k_blocks > 0) {
-    mbar_wait(q_full, 0);
-    // Software pipeline: while the softmax of block kb runs on the CUDA cores, the tensor cores compute
-    // P̃·V of block kb - 1. Block kb - 1's product was taken relative to the previous row max, so it is
-    // added with block kb's rescale factor.
-    uint32_t pa[Tr::kBlockK / 32][4];
+  auto block = [&](int kb, auto masked) {
+    const int stage = kb % Tr::kStages;
+    const float k_scale = k_scales[kb * kColGroups + t];
+    mbar_wait(full(stage), (kb / Tr::kStages) & 1);
+    float sf[Tr::kSTiles][4];
     {
-      mbar_wait(full(0), 0);
       int32_t acc[Tr::kSTiles * 4];
-      issue_qk(acc, 0);
+      issue_qk(acc, stage);
       wgmma_wait<0>();
       fence_registers(acc);
-      float sf[Tr::kSTiles][4];
-      softmax_step(sf, acc, 0, o, softmax, std::true_type{});
-      pack_p(pa, sf);
+      softmax_step(sf, acc, kb, k_scale, softmax, masked);
     }
-    auto next_block = [&](int kb, auto masked) {
-      const int stage = kb % Tr::kStages, prev = (kb - 1) % Tr::kStages;
-      mbar_wait(full(stage), (kb / Tr::kStages) & 1);
-      int32_t acc[Tr::kSTiles * 4];
-      float blk[Tr::kOTiles * 4];
-      issue_qk(acc, stage);
-      issue_pv(blk, pa, prev);
-      wgmma_wait<1>();  // S of block kb
-      fence_registers(acc);
-      float sf[Tr::kSTiles][4];
-      softmax_step(sf, acc, kb, o, softmax, masked);
-      // ptxas hoists the first reader of an in-flight accumulator, and the wait with it, as far up as the
-      // data allows: tie the readers to the row sums (the end of the exponentials) so the wait stays here.
-      // 0 · l is not folded away (IEEE), and costs one FFMA per row.
-      const float rescale[2] = {fmaf(0.f, softmax.l[0], softmax.alpha[0]),
-                                fmaf(0.f, softmax.l[1], softmax.alpha[1])};
-      wgmma_wait<0>();  // P̃·V of block kb - 1
-      fence_registers(blk);
-      keep_operands_until(pa, rescale[0], s.seq_q < 0, a.lse);
-      if (lane == 0) mbar_arrive(empty(prev));  // this warp is done with stage kb - 1
+    store_p(sf);
+    float blk[Tr::kOTiles * 4];
+    issue_pv(blk, stage);
+    wgmma_wait<0>();
+    fence_registers(blk);
+    if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+    // o relative to the new row max plus this block's product: o · alpha + blk, where alpha = 1 (no new max
+    // in the warp: most blocks once a few have been seen) needs only the add.
+    if (__any_sync(0xffffffffu, softmax.alpha[0] != 1.f || softmax.alpha[1] != 1.f)) {
 #pragma unroll
       for (int n = 0; n < Tr::kOTiles; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[n][e] = fmaf(blk[4 * n + e], rescale[e >> 1], o[n][e]);
+        for (int e = 0; e < 4; ++e) o[n][e] = fmaf(o[n][e], softmax.alpha[e >> 1], blk[4 * n + e]);
       }
-      pack_p(pa, sf);
-    };
+    } else {
+#pragma unroll
+      for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[n][e] += blk[4 * n + e];
+      }
+    }
+  };
+  if (num_k_blocks > 0) {
+    mbar_wait(q_full, 0);
     // Blocks before `first_masked` have no padded key and none hidden by the causal mask from any of this
     // warpgroup's rows (the smallest row sees the fewest keys).
     int first_masked = s.seq_kv % Tr::kBlockK ? num_k_blocks - 1 : num_k_blocks;
@@ -237,22 +246,12 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       const int hidden_after = q0 + c * Tr::kWgRows + diag - (Tr::kBlockK - 1);
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
-    for (int kb = 1; kb < num_k_blocks; ++kb) {
+    for (int kb = 0; kb < num_k_blocks; ++kb) {
       if (kb < first_masked) {
-        next_block(kb, std::false_type{});
+        block(kb, std::false_type{});
       } else {
-        next_block(kb, std::true_type{});
+        block(kb, std::true_type{});
       }
-    }
-    const int last = (num_k_blocks - 1) % Tr::kStages;
-    float blk[Tr::kOTiles * 4];
-    issue_pv(blk, pa, last);
-    wgmma_wait<0>();
-    fence_registers(blk);
-#pragma unroll
-    for (int n = 0; n < Tr::kOTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[n][e] += blk[4 * n + e];
     }
   }
 
