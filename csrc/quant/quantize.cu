@@ -3,8 +3,9 @@
 //   1. kv_stats:  Σ_tokens K per channel (K smoothing's mean) and, for FP8 P·V, max_tokens |V| per channel.
 //   2. quant_kv:  per K block of kBlockK tokens: K' = K − k̄ to INT8 with one scale per token group
 //                 {t : (t mod 8) / 2 = j} (4 per block); V to FP8 e4m3 per channel, written transposed
-//                 (token index contiguous) with the tokens of each 16-group permuted (see fp8_v_position), or
+//                 (token index contiguous) with the tokens of each 16-group permuted (see "The FP8 V layout"), or
 //                 V to FP16 row-major. Padded tokens and channels are written as zeros.
+//                 (kBlockK is the attention kernel's K block: 64 for mma.sync, 128 for wgmma.)
 //   3. quant_q:   per warp slice of kWarpQ rows: Q to INT8 with one scale per row group {r : r mod 8 = g},
 //                 sm_scale·log2(e) folded into the scale; optionally q·k̄ per row for the LSE.
 // Rounding matches comfy_sage/reference/quant.py: x_q = rint(x · (127 / amax)), scale = amax / 127.
@@ -53,13 +54,10 @@ constexpr float qmax() {
   return kBits == 8 ? kInt8Max : kInt4Max;
 }
 
-// Position of token j (0..15) inside its 16-token group in the FP8 V layout. The m16n8k32 A fragment of
-// lane (g, t) covers k = 4t..4t+3 (and 16 + that); the S accumulator it comes from holds keys 2t, 2t+1,
-// 8+2t, 9+2t of each 16. Storing token j at position fp8_v_position(j) makes those registers the A operand
-// as they are, with no shuffles.
-__device__ __forceinline__ int fp8_v_position(int j) {
-  return j < 8 ? 4 * (j >> 1) + (j & 1) : 4 * ((j - 8) >> 1) + 2 + (j & 1);
-}
+// The FP8 V layout: within each group of 16 tokens, position 4q + k (k = 0..3) holds token 2q, 2q+1, 8+2q,
+// 9+2q. The 8-bit A fragment of lane (g, t) covers k = 4t..4t+3 (and 16 + that); the S accumulator it comes
+// from holds keys 2t, 2t+1, 8+2t, 9+2t of each 16. So those registers are the A operand as they are, with
+// no shuffles (mma.sync m16n8k32 and wgmma m64nNk32 alike).
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
@@ -106,24 +104,28 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   constexpr int kVecs = kDim / 8;                               // 8-channel vectors per token
   constexpr int kPerThread = kBlockK * kVecs / kThreads;        // vectors each thread quantizes
   static_assert(kBlockK * kVecs % kThreads == 0, "tile must split evenly over the threads");
+  // A thread's tokens are threadIdx.x / kVecs + i · (kThreads / kVecs): all ≡ mod 8, so all in one K group;
+  // and the lanes that share a group are those equal outside the low log2(2 · kVecs) bits of the lane id.
+  static_assert((kThreads / kVecs) % kRowGroups == 0 && 2 * kVecs <= 2 * kWarpSize, "one K group per thread");
   const Shape& s = a.shape;
   const int bh = blockIdx.y, b = bh / s.heads_kv, h = bh % s.heads_kv;
   const int t0 = blockIdx.x * kBlockK;
   const float inv_n = 1.f / static_cast<float>(s.seq_kv);
   const float* k_sum = a.buf.k_sum + bh * s.padded_dim;
+  const int lane = threadIdx.x % kWarpSize;
 
   __shared__ float group_amax[kColGroups];
-  __shared__ __align__(16) uint8_t v_tile[kDim][kBlockK];  // FP8 V, channel-major, tokens permuted
   if (threadIdx.x < kColGroups) group_amax[threadIdx.x] = 0.f;
   __syncthreads();
 
-  // K: load, smooth, and find each token group's amax.
+  // K: load, smooth, and find the amax of this thread's group (registers, then the warp, then one shared
+  // atomic per group and warp).
   float x[kPerThread][8];
+  float m = 0.f;
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
     const int t = t0 + tok, c = cv * 8;
-    float m = 0.f;
     if (t < s.seq_kv && c < s.head_dim) {
       load8(x[i], static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride +
                       static_cast<int64_t>(t) * a.k.token_stride + c);
@@ -136,8 +138,11 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
 #pragma unroll
       for (int e = 0; e < 8; ++e) x[i][e] = 0.f;
     }
-    atomic_max_nonneg(&group_amax[(tok % kRowGroups) / (kRowGroups / kColGroups)], m);
   }
+#pragma unroll
+  for (int mask = 1; mask < 2 * kVecs && mask < kWarpSize; mask *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, mask));
+  const int my_group = ((threadIdx.x / kVecs) % kRowGroups) / (kRowGroups / kColGroups);
+  if ((lane & (2 * kVecs - 1)) == 0) atomic_max_nonneg(&group_amax[my_group], m);
   __syncthreads();
   const int num_blocks = s.padded_kv / kBlockK;
   if (threadIdx.x < kColGroups) {
@@ -145,37 +150,53 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
     a.buf.k_scale[at] = group_amax[threadIdx.x] / qmax<kBits>();
     if (kBits == 4) a.buf.k8_scale[at] = group_amax[threadIdx.x] / kInt8Max;
   }
+  const float amax = group_amax[my_group];
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
-    const float amax = group_amax[(tok % kRowGroups) / (kRowGroups / kColGroups)];
     const int64_t row = static_cast<int64_t>(bh) * s.padded_kv + t0 + tok;
     store_packed<kBits>(a.buf.k + row * (kDim * kBits / 8) + cv * kBits, x[i], inv_scale(amax, qmax<kBits>()));
     if constexpr (kBits == 4) store_packed<8>(a.buf.k8 + row * kDim + cv * 8, x[i], inv_scale(amax, kInt8Max));
   }
 
-  // V: FP8 per channel (transposed, permuted) or FP16 row-major.
-  const float* v_amax = a.buf.v_amax + bh * s.padded_dim;
+  const T* v_head = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride;
+  if (a.pv_fp8) {
+    // FP8 V^T, per channel, tokens permuted in groups of 16 (the FP8 V layout): the 4 bytes at positions
+    // 4q..4q+3 of a group hold tokens 2q, 2q+1, 8+2q, 9+2q. One item = those 4 tokens × 8 channels, written
+    // as 8 words; a warp's 32 items (q, group) of one channel vector store 128 contiguous bytes per channel.
+    constexpr int kGroups = kBlockK / 16, kItems = kBlockK / 4 * kVecs;
+    const float* v_amax = a.buf.v_amax + bh * s.padded_dim;
+    for (int item = threadIdx.x; item < kItems; item += kThreads) {
+      const int q = item % 4, grp = (item / 4) % kGroups, cv = item / (4 * kGroups), c = cv * 8;
+      const int toks[4] = {2 * q, 2 * q + 1, 8 + 2 * q, 9 + 2 * q};
+      float y[4][8];
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
-    const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
-    const int t = t0 + tok, c = cv * 8;
-    float y[8] = {};
-    if (t < s.seq_kv && c < s.head_dim) {
-      load8(y, static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride +
-                   static_cast<int64_t>(t) * a.v.token_stride + c);
-    }
-    if (a.pv_fp8) {
-      const int pos = (tok & ~15) + fp8_v_position(tok & 15);
+      for (int k = 0; k < 4; ++k) {
+        const int t = t0 + 16 * grp + toks[k];
+        if (t < s.seq_kv && c < s.head_dim) {
+          load8(y[k], v_head + static_cast<int64_t>(t) * a.v.token_stride + c);
+        } else {
 #pragma unroll
-      for (int e = 0; e < 8; e += 2) {
-        const float i0 = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, kFp8Max);
-        const float i1 = inv_scale(c + e + 1 < s.head_dim ? v_amax[c + e + 1] : 0.f, kFp8Max);
-        const uint16_t two = pack_e4m3x2(y[e] * i0, y[e + 1] * i1);
-        v_tile[c + e][pos] = static_cast<uint8_t>(two & 0xff);
-        v_tile[c + e + 1][pos] = static_cast<uint8_t>(two >> 8);
+          for (int e = 0; e < 8; ++e) y[k][e] = 0.f;
+        }
       }
-    } else {
+      uint8_t* dst = static_cast<uint8_t*>(a.buf.v) + (static_cast<int64_t>(bh) * kDim + c) * s.padded_kv + t0 +
+                     16 * grp + 4 * q;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const float inv = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, kFp8Max);
+        const uint32_t word = pack_e4m3x2(y[0][e] * inv, y[1][e] * inv) |
+                              (static_cast<uint32_t>(pack_e4m3x2(y[2][e] * inv, y[3][e] * inv)) << 16);
+        *reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(e) * s.padded_kv) = word;
+      }
+    }
+  } else {  // FP16 V, row-major
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
+      const int t = t0 + tok, c = cv * 8;
+      float y[8] = {};
+      if (t < s.seq_kv && c < s.head_dim) load8(y, v_head + static_cast<int64_t>(t) * a.v.token_stride + c);
       uint4 out;
       out.x = pack_half2(y[0], y[1]);
       out.y = pack_half2(y[2], y[3]);
@@ -183,16 +204,6 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
       out.w = pack_half2(y[6], y[7]);
       *reinterpret_cast<uint4*>(static_cast<__half*>(a.buf.v) +
                                 (static_cast<int64_t>(bh) * s.padded_kv + t0 + tok) * kDim + c) = out;
-    }
-  }
-  if (a.pv_fp8) {
-    __syncthreads();
-    constexpr int kChunks = kBlockK / 16;  // 16-byte chunks per channel row of the tile
-    for (int idx = threadIdx.x; idx < kDim * kChunks; idx += kThreads) {
-      const int c = idx / kChunks, chunk = idx % kChunks;
-      *reinterpret_cast<uint4*>(static_cast<uint8_t*>(a.buf.v) +
-                                (static_cast<int64_t>(bh) * kDim + c) * s.padded_kv + t0 + chunk * 16) =
-          *reinterpret_cast<const uint4*>(&v_tile[c][chunk * 16]);
     }
   }
 }
