@@ -98,7 +98,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
     shapes = [s for s in bench.SHAPES if not args.only or any(o in s[-1] for o in args.only.split(","))]
-    bench.run(args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json)
+    bench.run(
+        args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json,
+        plot_path=args.plot,
+    )  # fmt: skip
     return 0
 
 
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.add_argument("--plot", default="bench.png", help="where to draw TOPS against N (needs matplotlib)")
     p.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
     p.set_defaults(func=cmd_bench)
 

@@ -7,6 +7,7 @@ when causal. Shapes are those of ../shared/design/ANCHORS.md.
 
 from __future__ import annotations
 
+import importlib
 import json
 import statistics
 from collections.abc import Callable
@@ -28,14 +29,33 @@ SHAPES = (
 )
 
 
+def _peer(module: str, attr: str) -> Callable | None:
+    """`module.attr` when that package is installed, else None."""
+    try:
+        mod = importlib.import_module(module)
+    except Exception:  # not installed, or installed without a working build: not a peer here
+        return None
+    return getattr(mod, attr, None)
+
+
 def implementations(modes: list[str]) -> dict[str, Callable]:
+    """Every implementation to time: comfy_sage's modes (and, on Hopper, the mma.sync family of INT8+FP8 for
+    comparison), PyTorch SDPA on cuDNN and flash, and the released peers found installed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import comfy_sage
+    from comfy_sage import dispatch
 
     impls: dict[str, Callable] = {}
     for mode in modes:
         impls[f"comfy_sage {mode}"] = lambda q, k, v, c, m=mode: comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+    if torch.cuda.get_device_capability() == (9, 0) and "int8_fp8" in modes:
+
+        def mma_sync(q, k, v, c):
+            with dispatch.prefer_family("sm80"):
+                return comfy_sage.sageattn(q, k, v, is_causal=c, mode="int8_fp8")
+
+        impls["comfy_sage int8_fp8 mma.sync"] = mma_sync
 
     def sdpa(backend):
         def run(q, k, v, c):
@@ -46,12 +66,14 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
 
     impls["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
     impls["SDPA flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
-    try:  # the released SageAttention, when installed
-        import sageattention
-
-        impls["sageattention"] = lambda q, k, v, c: sageattention.sageattn(q, k, v, is_causal=c)
-    except ImportError:
-        pass
+    if (sage := _peer("sageattention", "sageattn")) is not None:  # the released SageAttention
+        impls["sageattention"] = lambda q, k, v, c: sage(q, k, v, is_causal=c)
+    # FlashAttention 3 (Hopper) and 2 take [B, N, H, D].
+    for name, module in (("FlashAttention-3", "flash_attn_interface"), ("FlashAttention-2", "flash_attn")):
+        if (fa := _peer(module, "flash_attn_func")) is not None:
+            impls[name] = lambda q, k, v, c, fa=fa: fa(*(t.transpose(1, 2) for t in (q, k, v)), causal=c)
+    if (kitchen := _peer("comfy_kitchen", "int8_attention")) is not None:
+        impls["comfy-kitchen int8_attention"] = lambda q, k, v, c: kitchen(q, k, v, is_causal=c)
     return impls
 
 
@@ -70,7 +92,14 @@ def time_call(fn: Callable, args: tuple, warmup: int, repeat: int) -> float:
     return statistics.median(times)
 
 
-def run(modes: list[str], shapes=SHAPES, warmup: int = 5, repeat: int = 20, json_path: str | None = None) -> list:
+def run(
+    modes: list[str],
+    shapes=SHAPES,
+    warmup: int = 5,
+    repeat: int = 20,
+    json_path: str | None = None,
+    plot_path: str | None = None,
+) -> list:
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
     impls = implementations(modes)
@@ -98,4 +127,39 @@ def run(modes: list[str], shapes=SHAPES, warmup: int = 5, repeat: int = 20, json
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"gpu": gpu, "torch": torch.__version__, "results": results}, f, indent=2)
+    if plot_path:
+        plot(results, plot_path, f"{gpu}, bf16 inputs, quantization included")
     return results
+
+
+def plot(results: list, path: str, title: str) -> None:
+    """TOPS against sequence length, one line per implementation and panel per (head dim, causal)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no plot written: {path} needs matplotlib (pip install matplotlib)")
+        return
+    panels = sorted({(r["shape"][3], r["causal"]) for r in results})
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    names = list(dict.fromkeys(name for r in results for name in r["tops"]))
+    for ax, (d, causal) in zip(axes[0], panels, strict=True):
+        panel = (r for r in results if r["shape"][3] == d and r["causal"] == causal)
+        rows = sorted(panel, key=lambda r: r["shape"][2])
+        for name in names:
+            points = [(r["shape"][2], r["tops"].get(name)) for r in rows if r["tops"].get(name)]
+            if points:
+                xs, ys = [n for n, _ in points], [t for _, t in points]
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("TOPS")
+        ax.set_title(f"D={d}{', causal' if causal else ''}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")

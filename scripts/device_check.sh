@@ -10,14 +10,21 @@ export PYTHONUNBUFFERED=1
 cp .devbuild/comfy_sage/_C*.so comfy_sage/ || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -m comfy_sage doctor | tee "$out/doctor.txt"
-python3 -m pytest tests/gpu -q -x -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-tests.log" | tail -25
+timeout 300 python3 -m pytest tests/gpu -q -x -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-tests.log" | tail -25
 if [ -z "${SKIP_SANITIZER:-}" ]; then
-    PYTHONPATH=. compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.log"
-    PYTHONPATH=. compute-sanitizer --tool racecheck --print-limit 20 python3 scripts/sanitize_cases.py --family sm90 2>&1 | tail -8 | tee "$out/racecheck.log"
+    PYTHONPATH=. timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.log"
+    PYTHONPATH=. timeout 120 compute-sanitizer --tool racecheck --print-limit 20 python3 scripts/sanitize_cases.py --family sm90 2>&1 | tail -8 | tee "$out/racecheck.log"
 fi
 if [ -z "${SKIP_ACCURACY:-}" ]; then
-    python3 -m comfy_sage accuracy --kernels --device cuda 2>&1 | tee "$out/accuracy.md" | grep -E "kernel|B=" 
+    timeout 120 python3 -m comfy_sage accuracy --kernels --device cuda 2>&1 | tee "$out/accuracy.md" | grep -E "kernel|B="
 fi
 if [ -z "${SKIP_BENCH:-}" ]; then
-    python3 -m comfy_sage bench --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
+    if [ -d .devwheels ]; then  # matplotlib for the plot, from wheels carried along (the machine is offline)
+        deps="matplotlib contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil"
+        python3 -c "import numpy" 2>/dev/null || deps="$deps numpy"
+        python3 -m pip install -q --no-index --no-deps --find-links .devwheels --target /tmp/bench-deps $deps \
+            >/dev/null 2>&1 && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/bench-deps"
+    fi
+    timeout 240 python3 -m comfy_sage bench --json "$out/bench.json" --plot "$out/bench.png" ${BENCH_ARGS:-} 2>&1 \
+        | tee "$out/bench.txt"
 fi

@@ -61,7 +61,12 @@ struct Sm90Traits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
   static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
-  static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= 65536, "register file");
+  // setmaxnreg moves registers within the CTA's allocation (kThreads × the launch count, which
+  // __launch_bounds__(kThreads, 1) makes 65536 / kThreads rounded down to 8): asking for more than that
+  // holds makes setmaxnreg.inc wait forever.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8 > 255 ? 248 : (65536 / kThreads) / 8 * 8;
+  static_assert(128 * kProducerRegs + kConsumers * 128 * kConsumerRegs <= kThreads * kLaunchRegs,
+                "the warpgroups' registers must fit the CTA's allocation");
 };
 
 template <int kDim>
