@@ -106,7 +106,8 @@ def run(
     results = []
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}")
-    header = f"{'shape':<34}" + "".join(f"{name:>22}" for name in impls)
+    width = max(14, *(len(name) + 2 for name in impls))
+    header = f"{'shape':<34}" + "".join(f"{name:>{width}}" for name in impls)
     print(header)
     for b, h, n, d, causal, what in shapes:
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -121,7 +122,7 @@ def run(
                 row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         results.append(row)
         label = f"B{b} H{h} N{n} D{d}{' causal' if causal else ''}"
-        cells = "".join(f"{(f'{t:.0f}' if t else '—'):>22}" for t in row["tops"].values())
+        cells = "".join(f"{(f'{t:.0f}' if t else '—'):>{width}}" for t in row["tops"].values())
         print(f"{label:<34}{cells}", flush=True)
         del q, k, v
     if json_path:

@@ -46,7 +46,9 @@ class Tiling:
 # above 128 (padded to 256) use 4 warps, so their Q block, the unit of INT4 Q smoothing, is 64 rows.
 SM80 = Tiling(block_q=128, warp_q=16, block_k=64)
 SM80_WIDE = Tiling(block_q=64, warp_q=16, block_k=64)
-# wgmma family: warpgroups of 4 warps × 16 rows, 128 keys per step.
+# wgmma family (csrc/attention/params.h kSm90BlockK): warpgroups of 4 warps × 16 rows, 128 keys per step.
+# Its CTAs hold 192 Q rows (three consumer warpgroups), but it runs INT8 only, without Q smoothing, so no
+# quantization depends on block_q: 128 keeps the reference's Q-smoothing unit a power of two.
 SM90 = Tiling(block_q=128, warp_q=16, block_k=128)
 
 

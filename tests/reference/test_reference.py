@@ -339,7 +339,8 @@ def test_lse_exact_when_logits_are(mode: str, smooth_q: bool, tiling: Tiling) ->
     seed = fresh_seed()
     bits = int(mode[3])
     sm_scale = quant.INT_MAX[bits] ** -2
-    for seq_q, seq_kv, causal in ((256, 384, False), (256, 384, True), (384, 256, True)):
+    bq = tiling.block_q  # the inputs are built per Q block
+    for seq_q, seq_kv, causal in ((2 * bq, 3 * bq, False), (2 * bq, 3 * bq, True), (3 * bq, 2 * bq, True)):
         q, k, v = integer_inputs(seed, bits, seq_q=seq_q, seq_kv=seq_kv, block_q=tiling.block_q, q_offset=smooth_q)
         out, lse = reference.sageattn(q, k, v, mode=mode, is_causal=causal, sm_scale=sm_scale, smooth_q=smooth_q,
                                       tiling=tiling, return_lse=True)  # fmt: skip
