@@ -1,18 +1,23 @@
 // The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 P·V on warpgroup tensor cores.
 //
-// One CTA = one (batch, q head, block of kSm90BlockQ = 128 query rows); three warpgroups:
+// One CTA = one (batch, q head, block of kSm90BlockQ = 192 query rows); four warpgroups:
 //   warpgroup 0, the producer: one thread loads Q once and then K and V blocks of kSm90BlockK = 128 keys
 //     through TMA into a ring of kStages shared-memory stages ("full" mbarriers complete on the bytes;
 //     "empty" mbarriers count the consumer warps that are done with a stage). It gives its registers away
 //     (setmaxnreg) to
-//   warpgroups 1 and 2, the consumers, each owning 64 query rows. Per K block:
+//   warpgroups 1-3, the consumers, each owning 64 query rows. Per K block:
 //     S = Q̂·K̂ᵀ: wgmma m64n128k32 s8 with both operands in shared memory (128- or 64-byte swizzle, as TMA
 //       wrote them), dequantized with one multiply: a lane's elements share one Q scale (rows g, g+8 of its
 //       warp's 16) and one K scale (its columns 2t, 2t+1 of every 8; the quantization uses 128-key groups);
-//     masking (key padding, bottom-right causal), online softmax in base 2 (softmax.cuh);
-//     O += P̃·V: P̃ in FP8 e4m3 straight from the S registers as the A operand of wgmma m64nDk32 (V's tokens
-//       are permuted by the quantization so no shuffle is needed, as in the mma.sync kernel), V^T in shared
-//       memory; each block's product in a fresh accumulator added into fp32 O (two-level accumulation).
+//     masking (key padding, bottom-right causal; only in the blocks that need it), online softmax in base 2
+//       (softmax.cuh);
+//     O += P̃·V: P̃ in FP8 e4m3 written from the S registers into the consumer's shared-memory tile in the
+//       order of the A fragment (V's tokens are permuted by the quantization to match, as in the mma.sync
+//       kernel), then wgmma m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh
+//       accumulator added into fp32 O (two-level accumulation), O rescaled only when a row max moved.
+//   Each consumer runs its blocks one after the other; the three interleave on the SM (one's exponentials
+//   while another's matmuls run). Three fit the register file (160 each) only because a consumer never
+//   holds two blocks' accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
 // Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE.
 #pragma once
 
