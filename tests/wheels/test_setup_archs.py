@@ -36,13 +36,21 @@ def test_no_ptx_asked_none_added():
 
 @pytest.fixture
 def with_sm90_source(monkeypatch):
-    monkeypatch.setattr(setup_py, "sources", [*setup_py.sources, "csrc/sm90/launch.cu", "csrc/sm90/tma.cu"])
+    monkeypatch.setattr(setup_py, "sources", [*setup_py.sources, "csrc/sm90/tma.cu"])
     monkeypatch.setattr(setup_py, "SOURCE_ARCHS", {"csrc/sm90/launch.cu": ("9.0a",), "csrc/sm90/tma.cu": ("9.0a",)})
 
 
 def test_sources_default_to_every_arch():
     common, groups, defines = setup_py.arch_groups(["8.0", "9.0a"])
-    assert common == setup_py.sources and groups == {} and defines == []
+    narrowed = set(setup_py.SOURCE_ARCHS)
+    assert common == [s for s in setup_py.sources if s not in narrowed] and defines == []
+    assert groups == {("9.0a",): ["csrc/sm90/launch.cu"]}  # the wgmma kernel: sm_90a only
+
+
+def test_the_wgmma_kernel_is_left_out_without_sm_90a():
+    common, groups, defines = setup_py.arch_groups(["8.0", "8.9", "12.0a+PTX"])
+    assert "csrc/sm90/launch.cu" not in common and groups == {}
+    assert defines == ["-DCOMFY_SAGE_NO_SM90"]
 
 
 def test_a_narrowed_source_builds_only_for_its_archs(with_sm90_source):
