@@ -64,6 +64,8 @@ struct Sm90Traits {
   // Three consumers fit the register file only without keeping two K blocks' accumulators live at once, so
   // each consumer runs its block sequentially and the three interleave on the SM.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
+  // At head dim 64 (O and P̃·V: 32 registers each) a consumer can keep the next block's S in flight.
+  static constexpr bool kOverlapQk = kDim == 64;
   static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   // setmaxnreg moves registers within the CTA's allocation (kThreads × the launch count, which
@@ -150,7 +152,13 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     const uint64_t desc_k = make_smem_desc(s_k(stage), kDim);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kDim / 32; ++kk) wgmma_m64n128k32_s8(acc, desc_q + 2 * kk, desc_k + 2 * kk, kk);
+    for (int kk = 0; kk < kDim / 32; ++kk) {
+      if (kk == 0) {
+        wgmma_m64n128k32_s8_first(acc, desc_q, desc_k);
+      } else {
+        wgmma_m64n128k32_s8(acc, desc_q + 2 * kk, desc_k + 2 * kk, 1);
+      }
+    }
     wgmma_commit();
   };
   // blk = P̃·V of one stage (32 keys per wgmma), P̃ from this consumer's shared-memory tile; issued.
@@ -213,6 +221,15 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
 
   float o[Tr::kOTiles][4] = {};
   OnlineSoftmax<Tr::kSTiles> softmax;
+  // o relative to the new row max plus this block's product: one FFMA per element (no branch: control flow
+  // between a wgmma and its wait makes ptxas wait early).
+  auto add_block = [&](const float (&blk)[Tr::kOTiles * 4]) {
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] = fmaf(o[n][e], softmax.alpha[e >> 1], blk[4 * n + e]);
+    }
+  };
   auto block = [&](int kb, auto masked) {
     const int stage = kb % Tr::kStages;
     const float k_scale = k_scales[kb * kColGroups + t];
@@ -231,21 +248,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     wgmma_wait<0>();
     fence_registers(blk);
     if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
-    // o relative to the new row max plus this block's product: o · alpha + blk, where alpha = 1 (no new max
-    // in the warp: most blocks once a few have been seen) needs only the add.
-    if (__any_sync(0xffffffffu, softmax.alpha[0] != 1.f || softmax.alpha[1] != 1.f)) {
-#pragma unroll
-      for (int n = 0; n < Tr::kOTiles; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[n][e] = fmaf(o[n][e], softmax.alpha[e >> 1], blk[4 * n + e]);
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < Tr::kOTiles; ++n) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[n][e] += blk[4 * n + e];
-      }
-    }
+    add_block(blk);
   };
   if (num_k_blocks > 0) {
     mbar_wait(q_full, 0);
@@ -256,11 +259,57 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       const int hidden_after = q0 + c * Tr::kWgRows + diag - (Tr::kBlockK - 1);
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
-    for (int kb = 0; kb < num_k_blocks; ++kb) {
-      if (kb < first_masked) {
-        block(kb, std::false_type{});
+    if constexpr (!Tr::kOverlapQk) {
+      for (int kb = 0; kb < num_k_blocks; ++kb) {
+        if (kb < first_masked) {
+          block(kb, std::false_type{});
+        } else {
+          block(kb, std::true_type{});
+        }
+      }
+    } else {
+      // The next block's Q·Kᵀ is issued right behind this block's P̃·V, so it runs while this consumer waits
+      // for P̃·V and updates O: S stays live across the block (64 registers), which fits at head dim 64.
+      int32_t acc[Tr::kSTiles * 4];
+      mbar_wait(full(0), 0);
+      issue_qk(acc, 0);
+      wgmma_wait<0>();
+      fence_registers(acc);
+      auto pipelined = [&](int kb, auto masked, auto last) {
+        const int stage = kb % Tr::kStages;
+        const float k_scale = k_scales[kb * kColGroups + t];
+        float sf[Tr::kSTiles][4];
+        softmax_step(sf, acc, kb, k_scale, softmax, masked);
+        store_p(sf);
+        float blk[Tr::kOTiles * 4];
+        issue_pv(blk, stage);
+        if constexpr (!decltype(last)::value) {
+          const int next = (kb + 1) % Tr::kStages;
+          mbar_wait(full(next), ((kb + 1) / Tr::kStages) & 1);
+          issue_qk(acc, next);
+          wgmma_wait<1>();  // P̃·V; Q·Kᵀ of the next block may still run
+        } else {
+          wgmma_wait<0>();
+        }
+        fence_registers(blk);
+        if (lane == 0) mbar_arrive(empty(stage));
+        add_block(blk);
+        if constexpr (!decltype(last)::value) {
+          wgmma_wait<0>();
+          fence_registers(acc);
+        }
+      };
+      for (int kb = 0; kb + 1 < num_k_blocks; ++kb) {
+        if (kb < first_masked) {
+          pipelined(kb, std::false_type{}, std::false_type{});
+        } else {
+          pipelined(kb, std::true_type{}, std::false_type{});
+        }
+      }
+      if (num_k_blocks - 1 < first_masked) {
+        pipelined(num_k_blocks - 1, std::false_type{}, std::true_type{});
       } else {
-        block(kb, std::true_type{});
+        pipelined(num_k_blocks - 1, std::true_type{}, std::true_type{});
       }
     }
   }
