@@ -14,9 +14,9 @@
 //     O += P̃·V: P̃ in FP8 e4m3 written from the S registers into the consumer's shared-memory tile in the
 //       order of the A fragment (V's tokens are permuted by the quantization to match, as in the mma.sync
 //       kernel), then wgmma m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh
-//       accumulator added into fp32 O (two-level accumulation), O rescaled only when a row max moved.
-//   Each consumer runs its blocks one after the other; the three interleave on the SM (one's exponentials
-//   while another's matmuls run). Three fit the register file (160 each) only because a consumer never
+//       accumulator added into fp32 O with the rescale in the same FFMA (two-level accumulation).
+//   Each consumer runs its blocks one after the other (at head dim 64 the next block's Q·Kᵀ already runs
+//   while it waits for P̃·V); the three interleave on the SM (one's exponentials while another's matmuls run). Three fit the register file (160 each) only because a consumer never
 //   holds two blocks' accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
 // Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE.
 #pragma once
