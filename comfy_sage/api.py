@@ -89,7 +89,4 @@ def _sageattn_op(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse)
 
 @_sageattn_op.register_fake
 def _(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse):
-    b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if layout == "HND" else (q.shape[0], q.shape[2], q.shape[1])
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (b, h, n) if return_lse else (0,), dtype=torch.float32
-    )
+    return torch.empty_like(q, memory_format=torch.contiguous_format), ops.empty_lse(q, layout == "NHD", return_lse)

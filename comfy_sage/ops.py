@@ -31,9 +31,14 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("comfy_sage::attention")
     def _attention_fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse, family=80):
-        b, h, n = (q.shape[0], q.shape[1], q.shape[2]) if layout == 0 else (q.shape[0], q.shape[2], q.shape[1])
-        lse_shape = (b, h, n) if return_lse else (0,)
-        return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+        return torch.empty_like(q), empty_lse(q, layout == LAYOUT_CODES["NHD"], return_lse)
+
+
+def empty_lse(q: torch.Tensor, nhd: bool, return_lse: bool) -> torch.Tensor:
+    """An uninitialized LSE for caller-layout `q`: [B, H_q, N_q] float32, or the empty tensor the ops return
+    when `return_lse` is False (for the fake kernels)."""
+    b, h, n = (q.shape[0], q.shape[2], q.shape[1]) if nhd else (q.shape[0], q.shape[1], q.shape[2])
+    return q.new_empty((b, h, n) if return_lse else (0,), dtype=torch.float32)
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
