@@ -37,15 +37,27 @@ def summary(device: torch.device | str | None = None) -> dict:
         plan = dispatch.plan(mode, device, 128, torch.bfloat16, False)
         if plan.fallback:
             modes[mode.value] = f"sdpa ({plan.reason})"
+        elif plan.mode is mode:
+            modes[mode.value] = f"native, {KERNEL_NAMES[plan.kernel.family]}"
         else:
-            modes[mode.value] = "native" if plan.mode is mode else f"runs as {plan.mode.value} ({plan.note})"
+            modes[mode.value] = f"runs as {plan.mode.value} ({plan.note})"
     info["modes"] = modes
     auto = {}
     for head_dim in REPORTED_HEAD_DIMS:
         plan = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False)
-        auto[str(head_dim)] = plan.mode.value if not plan.fallback else f"sdpa ({plan.reason})"
+        auto[str(head_dim)] = describe(plan)
     info["auto"] = auto
     return info
+
+
+KERNEL_NAMES = {"sm80": "mma.sync kernel", "sm90": "wgmma kernel"}
+
+
+def describe(plan: dispatch.Plan) -> str:
+    """What runs a plan, in a few words: the mode and kernel family, or the fallback and why."""
+    if plan.fallback:
+        return f"sdpa ({plan.reason})"
+    return f"{plan.mode.value} ({KERNEL_NAMES[plan.kernel.family]})"
 
 
 def render(info: dict) -> str:

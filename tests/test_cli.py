@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from comfy_sage import __main__ as cli
-from comfy_sage import __version__, capability, doctor
-from comfy_sage.modes import QUANTIZED_MODES
+from comfy_sage import __version__, capability, dispatch, doctor
+from comfy_sage.modes import QUANTIZED_MODES, Mode
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -62,7 +62,7 @@ def test_doctor_json_without_gpu(doctor_json):
     for head_dim, what in doctor_json["auto"].items():
         assert what.startswith("sdpa (") and "no CUDA device" in what, (head_dim, what)
     for mode, what in doctor_json["modes"].items():
-        assert what != "native" and not what.startswith("runs as"), (mode, what)
+        assert not what.startswith(("native", "runs as")), (mode, what)
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks what doctor says on a machine without a GPU")
@@ -131,3 +131,19 @@ def test_bad_device_is_a_usage_error(device, capsys):
         cli.main(["doctor", "--device", device])
     assert info.value.code == 2
     assert f"--device {device}" in capsys.readouterr().err.replace("'", "")
+
+
+def test_doctor_names_the_kernel_family(monkeypatch):
+    """On Hopper `auto` runs the wgmma kernel up to head dim 128 and the mma.sync one above; doctor says which."""
+    monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_90a",)))
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
+    dispatch.clear_cache()
+    try:
+        wgmma = dispatch._plan(Mode.AUTO, "cuda", (9, 0), 128, torch.bfloat16, False)
+        wide = dispatch._plan(Mode.AUTO, "cuda", (9, 0), 256, torch.bfloat16, False)
+        cpu = dispatch._plan(Mode.AUTO, "cpu", None, 128, torch.bfloat16, False)
+    finally:
+        dispatch.clear_cache()
+    assert doctor.describe(wgmma) == "int8_fp8 (wgmma kernel)"
+    assert doctor.describe(wide) == "int8_fp16 (mma.sync kernel)"
+    assert doctor.describe(cpu).startswith("sdpa (")
