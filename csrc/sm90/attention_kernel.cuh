@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     wgmma_commit();
   };
   // Dequantize (one scale per lane, kept positive so masked -inf stays -inf), mask, and the softmax step
-  // (which rescales o); sf then holds P̃ in fp32.
+  // (row max, exponentials, row sums; softmax.alpha rescales o in add_block); sf then holds P̃ in fp32.
   // (`masked`: std::true_type for blocks with padded or causally hidden keys, std::false_type otherwise, so
   // each loop body is straight-line code: ptxas tracks in-flight wgmma registers only within one.)
   auto softmax_step = [&](float (&sf)[Tr::kSTiles][4], const int32_t (&acc)[Tr::kSTiles * 4], int kb,
