@@ -1,7 +1,7 @@
 """The one wheel build entry point: CI (cibuildwheel) and developers run the same steps.
 
     python wheels/build.py deps                 the build tools, and $COMFY_SAGE_TORCH from $COMFY_SAGE_TORCH_INDEX
-    python wheels/build.py [--outdir DIR]       build, repair, label and audit (what a developer runs)
+    python wheels/build.py [all --outdir DIR]   build, repair, label and audit (what a developer runs)
     python wheels/build.py repair WHEEL DEST    repair, label and audit one wheel (cibuildwheel's repair step)
     python wheels/build.py audit WHEEL          the audits alone
     python wheels/build.py count LOG            kernel instantiations per arch in a build log
