@@ -72,9 +72,33 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
     for name, module in (("FlashAttention-3", "flash_attn_interface"), ("FlashAttention-2", "flash_attn")):
         if (fa := _peer(module, "flash_attn_func")) is not None:
             impls[name] = lambda q, k, v, c, fa=fa: fa(*(t.transpose(1, 2) for t in (q, k, v)), causal=c)
-    if (kitchen := _peer("comfy_kitchen", "int8_attention")) is not None:
-        impls["comfy-kitchen int8_attention"] = lambda q, k, v, c: kitchen(q, k, v, is_causal=c)
+    if (kitchen := _peer("comfy_kitchen", "int8_attention")) is not None:  # no causal mode
+        for layout, fn in (
+            ("HND", lambda q, k, v, c: kitchen(q, k, v) if not c else _no_causal()),
+            ("NHD", lambda q, k, v, c: kitchen(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+             if not c else _no_causal()),
+        ):  # fmt: skip
+            if _agrees_with_sdpa(fn):  # the layout it expects is checked, not assumed
+                impls[f"comfy-kitchen int8_attention ({layout})"] = fn
+                break
+        else:
+            print("comfy-kitchen is installed but its int8_attention did not match attention in either layout")
     return impls
+
+
+def _no_causal():
+    raise NotImplementedError("this implementation has no causal mode")
+
+
+def _agrees_with_sdpa(fn: Callable, device: str = "cuda") -> bool:
+    """Whether `fn(q, k, v, causal=False)` computes attention on [B, H, N, D] inputs (cos sim > 0.99)."""
+    q, k, v = (torch.randn(1, 2, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    try:
+        out = fn(q, k, v, False)
+    except Exception:
+        return False
+    ref = F.scaled_dot_product_attention(q, k, v)
+    return out.shape == ref.shape and F.cosine_similarity(out.float().flatten(), ref.float().flatten(), 0) > 0.99
 
 
 def time_call(fn: Callable, args: tuple, warmup: int, repeat: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch.nn.functional as F
 
 from comfy_sage import bench
 
@@ -27,3 +28,18 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "bench.png"
     bench.plot(RESULTS, str(path), "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_peer_is_timed_only_if_it_computes_attention_in_the_bench_layout():
+    def sdpa(q, k, v, causal):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def other_layout(q, k, v, causal):  # reads [B, H, N, D] as [B, N, H, D]
+        return sdpa(*(t.transpose(1, 2) for t in (q, k, v)), causal).transpose(1, 2)
+
+    def broken(q, k, v, causal):
+        raise RuntimeError("no kernel for this GPU")
+
+    assert bench._agrees_with_sdpa(sdpa, device="cpu")
+    assert not bench._agrees_with_sdpa(other_layout, device="cpu")
+    assert not bench._agrees_with_sdpa(broken, device="cpu")
