@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
+
 EXTENSION = "comfy_sage._C"
 
 
@@ -37,13 +39,8 @@ def kernel_status() -> KernelStatus:
         return KernelStatus(False, f"the compiled kernels failed to load: {type(exc).__name__}: {exc}")
     if not hasattr(torch.ops.comfy_sage, "attention"):
         return KernelStatus(False, f"the compiled kernels loaded from {module.__file__} but registered no ops")
-    from . import ops
-
     ops.register_fakes()
     return KernelStatus(True, None, tuple(getattr(module, "ARCHS", ())))
-
-
-FAMILY_CODES = {"sm80": 80, "sm90": 90}
 
 
 def kernels_run_on(device: torch.device, family: str = "sm80") -> bool:
@@ -55,7 +52,7 @@ def kernels_run_on(device: torch.device, family: str = "sm80") -> bool:
 
 @functools.cache
 def _kernels_run_on(device_index: int, family: str = "sm80") -> bool:
-    return kernel_status().loaded and bool(torch.ops.comfy_sage.runs_on(device_index, FAMILY_CODES[family]))
+    return kernel_status().loaded and bool(torch.ops.comfy_sage.runs_on(device_index, ops.FAMILY_CODES[family]))
 
 
 @functools.cache

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from .capability import FAMILY_CODES
 from .modes import Mode
 
 LAYOUT_CODES = {"HND": 0, "NHD": 1}
+FAMILY_CODES = {"sm80": 80, "sm90": 90}  # the op's `family`: mma.sync, wgmma
 _ALIGN_ELEMENTS = 8  # 16 bytes of fp16/bf16
 
 
