@@ -22,6 +22,7 @@
 
 #include <cuda_runtime.h>
 
+#include "../attention/epilogue.cuh"
 #include "../attention/params.h"
 #include "../attention/softmax.cuh"
 #include "../common/constants.cuh"
@@ -283,35 +284,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   cp_async_wait<0>();
 
   // ---- epilogue ----
-  softmax.reduce_sums();
-  const float* v_amax = a.buf.v_amax + static_cast<int64_t>(bhkv) * s.padded_dim;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = q0 + warp * Tr::kWarpQ + g + half * 8;
-    if (row >= s.seq_q) continue;
-    const float inv_l = softmax.l[half] > 0.f ? __frcp_rn(softmax.l[half]) : 0.f;
-    // fp16 and bf16 are both 2 bytes: one pointer, the conversion chosen at run time (not a template axis).
-    uint16_t* out = static_cast<uint16_t*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
-                    static_cast<int64_t>(row) * a.out.token_stride;
-#pragma unroll
-    for (int n = 0; n < Tr::kOTiles; ++n) {
-      const int col = n * 8 + 2 * t;
-      if (col >= s.head_dim) continue;
-      float x0 = o[n][2 * half] * inv_l, x1 = o[n][2 * half + 1] * inv_l;
-      if constexpr (kPvFp8) {
-        x0 *= v_amax[col] * (1.f / kFp8Max);
-        x1 *= v_amax[col + 1] * (1.f / kFp8Max);
-      }
-      *reinterpret_cast<uint32_t*>(out + col) = a.dtype == DType::kBFloat16
-                                                     ? Elem<__nv_bfloat16>::from_float2(x0, x1)
-                                                     : Elem<__half>::from_float2(x0, x1);
-    }
-    if (a.lse != nullptr && t == 0) {
-      float lse = softmax.lse(half, kExpOffset);
-      lse += a.buf.q_dot_kmean[static_cast<int64_t>(bhq) * s.seq_q + row] * a.sm_scale;
-      a.lse[static_cast<int64_t>(bhq) * s.seq_q + row] = lse;
-    }
-  }
+  store_rows<kPvFp8>(a, softmax, o, q0 + warp * Tr::kWarpQ + g, b, hq, bhq, bhkv, t, kExpOffset);
 }
 
 }  // namespace comfy_sage

@@ -26,6 +26,7 @@
 
 #include <type_traits>
 
+#include "../attention/epilogue.cuh"
 #include "../attention/params.h"
 #include "../attention/softmax.cuh"
 #include "../common/constants.cuh"
@@ -315,31 +316,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   }
 
   // ---- epilogue ----
-  softmax.reduce_sums();
-  const float* v_amax = a.buf.v_amax + static_cast<int64_t>(bhkv) * s.padded_dim;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = row0 + half * 8;
-    if (row >= s.seq_q) continue;
-    const float inv_l = softmax.l[half] > 0.f ? __frcp_rn(softmax.l[half]) : 0.f;
-    uint16_t* out = static_cast<uint16_t*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
-                    static_cast<int64_t>(row) * a.out.token_stride;
-#pragma unroll
-    for (int n = 0; n < Tr::kOTiles; ++n) {
-      const int col = n * 8 + 2 * t;
-      if (col >= s.head_dim) continue;
-      const float x0 = o[n][2 * half] * inv_l * (v_amax[col] * (1.f / kFp8Max));
-      const float x1 = o[n][2 * half + 1] * inv_l * (v_amax[col + 1] * (1.f / kFp8Max));
-      *reinterpret_cast<uint32_t*>(out + col) = a.dtype == DType::kBFloat16
-                                                     ? Elem<__nv_bfloat16>::from_float2(x0, x1)
-                                                     : Elem<__half>::from_float2(x0, x1);
-    }
-    if (a.lse != nullptr && t == 0) {
-      float lse = softmax.lse(half, kLog2Fp8Max);
-      lse += a.buf.q_dot_kmean[static_cast<int64_t>(bhq) * s.seq_q + row] * a.sm_scale;
-      a.lse[static_cast<int64_t>(bhq) * s.seq_q + row] = lse;
-    }
-  }
+  store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
 }
 
 }  // namespace comfy_sage

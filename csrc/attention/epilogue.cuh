@@ -1,0 +1,52 @@
+// The epilogue both kernel families share: O / l (· δV per channel for FP8 P·V) into the caller's output,
+// rows that saw no key written as 0, and the optional LSE. A lane holds rows `row0` and `row0 + 8` and, of
+// every 8-column tile of O, columns 2t and 2t+1 (the m16n8 and wgmma m64nN accumulator layouts alike).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../common/constants.cuh"
+#include "../common/vec.cuh"
+#include "params.h"
+#include "softmax.cuh"
+
+namespace comfy_sage {
+
+template <bool kPvFp8, int kTiles, int kOTiles>
+__device__ __forceinline__ void store_rows(const AttentionArgs& a, OnlineSoftmax<kTiles>& softmax,
+                                           const float (&o)[kOTiles][4], int row0, int b, int hq, int bhq,
+                                           int bhkv, int t, float exp_offset) {
+  const Shape& s = a.shape;
+  softmax.reduce_sums();
+  const float* v_amax = a.buf.v_amax + static_cast<int64_t>(bhkv) * s.padded_dim;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + half * 8;
+    if (row >= s.seq_q) continue;
+    const float inv_l = softmax.l[half] > 0.f ? __frcp_rn(softmax.l[half]) : 0.f;
+    // fp16 and bf16 are both 2 bytes: one pointer, the conversion chosen at run time (not a template axis).
+    uint16_t* out = static_cast<uint16_t*>(a.out.ptr) + b * a.out.batch_stride + hq * a.out.head_stride +
+                    static_cast<int64_t>(row) * a.out.token_stride;
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      const int col = n * 8 + 2 * t;
+      if (col >= s.head_dim) continue;
+      float x0 = o[n][2 * half] * inv_l, x1 = o[n][2 * half + 1] * inv_l;
+      if constexpr (kPvFp8) {
+        x0 *= v_amax[col] * (1.f / kFp8Max);
+        x1 *= v_amax[col + 1] * (1.f / kFp8Max);
+      }
+      *reinterpret_cast<uint32_t*>(out + col) = a.dtype == DType::kBFloat16
+                                                     ? Elem<__nv_bfloat16>::from_float2(x0, x1)
+                                                     : Elem<__half>::from_float2(x0, x1);
+    }
+    if (a.lse != nullptr && t == 0) {
+      float lse = softmax.lse(half, exp_offset);
+      lse += a.buf.q_dot_kmean[static_cast<int64_t>(bhq) * s.seq_q + row] * a.sm_scale;
+      a.lse[static_cast<int64_t>(bhq) * s.seq_q + row] = lse;
+    }
+  }
+}
+
+}  // namespace comfy_sage
