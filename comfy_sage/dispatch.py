@@ -167,21 +167,18 @@ def _plan(
     status = capability.kernel_status()
     if not status.loaded:
         return fallback(status.reason)
-    if not capability.kernels_run_on(torch.device(device_type, device_index)):
-        return fallback(f"the compiled kernels have no code for {capability.sm_name(cc)}; reinstall a build for it")
     device = torch.device(device_type, device_index)
+    if not capability.kernels_run_on(device):
+        return fallback(f"the compiled kernels have no code for {capability.sm_name(cc)}; reinstall a build for it")
     hopper = cc == (9, 0)
-    if (
-        requested is Mode.AUTO
-        and hopper
-        and not (
-            wgmma_fits(cc, mode, head_dim) and capability.kernels_run_on(device, "sm90") and preferred_family != "sm80"
-        )
-    ):
+
+    def runs_wgmma(m: Mode) -> bool:
+        return wgmma_fits(cc, m, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
+
+    if requested is Mode.AUTO and hopper and not runs_wgmma(mode):
         mode = Mode.INT8_FP16  # FP8 P·V on Hopper pays only through the wgmma kernel
     mode, note = native_mode(mode, cc)
-    wgmma = wgmma_fits(cc, mode, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
-    if wgmma:
+    if runs_wgmma(mode):
         return Plan(requested, mode, KernelSpec("sm90", mode, SM90), None, note)
     if hopper and preferred_family == "sm90":
         note = "; ".join(filter(None, (note, f"the wgmma kernel can't run {mode.value} at head_dim {head_dim} here")))
