@@ -42,6 +42,12 @@ def check_layout(tensor_layout: object) -> str:
 def check_qkv(q: object, k: object, v: object, tensor_layout: object) -> Problem:
     """Validate Q, K, V; `TypeError`/`ValueError` naming the argument at fault."""
     layout = check_layout(tensor_layout)
+    return Problem(*qkv_sizes(q, k, v, layout), layout)
+
+
+def qkv_sizes(q: object, k: object, v: object, layout: str) -> tuple[int, int, int, int, int, int]:
+    """`check_qkv` for a layout already checked, without the `Problem`: (batch, heads_q, heads_kv, seq_q,
+    seq_kv, head_dim). Every `sageattn` call runs this, and only a mask or the fallback needs a `Problem`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -55,26 +61,28 @@ def check_qkv(q: object, k: object, v: object, tensor_layout: object) -> Problem
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on the same device; got {q.device}, {k.device}, {v.device}")
 
-    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
-    b, hq, nq, d = qh.shape
-    if kh.shape[0] != b or vh.shape[0] != b:
-        raise ValueError(f"q, k and v must have the same batch size; got {b}, {kh.shape[0]}, {vh.shape[0]}")
-    if kh.shape[3] != d:
-        raise ValueError(f"k must have q's head_dim {d}; got {kh.shape[3]}")
-    if vh.shape[3] != d:
-        raise ValueError(f"v must have q's head_dim {d}; got {vh.shape[3]}")
-    if vh.shape[1] != kh.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads; got {kh.shape[1]} and {vh.shape[1]}")
-    if vh.shape[2] != kh.shape[2]:
-        raise ValueError(f"k and v must have the same number of tokens; got {kh.shape[2]} and {vh.shape[2]}")
-    hkv = kh.shape[1]
+    # The sizes by layout, each shape read once (no transposed views: a view costs more than the whole check).
+    if layout == "HND":
+        (b, hq, nq, d), (kb, hkv, nkv, kd), (vb, vh, vn, vd) = q.shape, k.shape, v.shape
+    else:
+        (b, nq, hq, d), (kb, nkv, hkv, kd), (vb, vn, vh, vd) = q.shape, k.shape, v.shape
+    if kb != b or vb != b:
+        raise ValueError(f"q, k and v must have the same batch size; got {b}, {kb}, {vb}")
+    if kd != d:
+        raise ValueError(f"k must have q's head_dim {d}; got {kd}")
+    if vd != d:
+        raise ValueError(f"v must have q's head_dim {d}; got {vd}")
+    if vh != hkv:
+        raise ValueError(f"k and v must have the same number of heads; got {hkv} and {vh}")
+    if vn != nkv:
+        raise ValueError(f"k and v must have the same number of tokens; got {nkv} and {vn}")
     if hkv == 0 or hq % hkv:
         raise ValueError(
             f"q's heads ({hq}) must be a multiple of k's and v's heads ({hkv}) for grouped-query attention"
         )
     if d == 0:
         raise ValueError("head_dim must be at least 1")
-    return Problem(b, hq, hkv, nq, kh.shape[2], d, layout)
+    return b, hq, hkv, nq, nkv, d
 
 
 def check_mask(attn_mask: object, problem: Problem, is_causal: bool, device: torch.device) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, fallback, ops
-from ._inputs import check_layout, check_mask, check_qkv, check_sm_scale, from_hnd, to_hnd
+from ._inputs import Problem, check_layout, check_mask, check_sm_scale, from_hnd, qkv_sizes, to_hnd
 from ._log import log_once
 from .modes import Mode
 
@@ -37,31 +37,36 @@ def sageattn(
     A call no kernel can run (no CUDA GPU, an older GPU, a mask, a head dim outside 32..256, kernels not
     installed) runs PyTorch attention and logs the reason once to the "comfy_sage" logger.
     """
+    # The checks run on every call, so the common case costs little: a `Problem` is built only for a mask (and
+    # in the fallback), and the loop that names a flag that is not a bool runs only when one is not.
     mode = Mode.parse(mode)
     layout = check_layout(tensor_layout)
-    problem = check_qkv(q, k, v, layout)
-    for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
-    check_mask(attn_mask, problem, is_causal, q.device)
-    scale = check_sm_scale(sm_scale, problem.head_dim)
+    sizes = qkv_sizes(q, k, v, layout)
+    if not (isinstance(is_causal, bool) and isinstance(return_lse, bool)):
+        for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    if attn_mask is not None:
+        check_mask(attn_mask, Problem(*sizes, layout), is_causal, q.device)
+    scale = check_sm_scale(sm_scale, sizes[-1])
 
     if torch.compiler.is_compiling():  # one opaque op for torch.compile: no graph break, no tracing into dispatch
         out, lse = torch.ops.comfy_sage.sageattn(q, k, v, layout, is_causal, scale, mode.value, attn_mask, return_lse)
     else:
-        out, lse = _run(q, k, v, layout, problem, is_causal, scale, mode, attn_mask, return_lse)
+        out, lse = _run(q, k, v, layout, sizes, is_causal, scale, mode, attn_mask, return_lse)
     return (out, lse) if return_lse else out
 
 
-def _run(q, k, v, layout: str, problem, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
-    """Dispatch one validated call (`problem` from `check_qkv`): (out in the caller's layout, LSE or None)."""
-    plan = dispatch.plan(mode, q.device, problem.head_dim, q.dtype, attn_mask is not None)
+def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
+    """Dispatch one validated call (`sizes` from `qkv_sizes`): (out in the caller's layout, LSE or None)."""
+    plan = dispatch.plan(mode, q.device, sizes[-1], q.dtype, attn_mask is not None)
     if plan.reason:
         log_once(plan.reason)
     if plan.note:
         log_once(plan.note)
     if plan.fallback:
         qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+        problem = Problem(*sizes, layout)
         out, lse = fallback.attention(
             qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
         )
@@ -82,8 +87,8 @@ def _run(q, k, v, layout: str, problem, is_causal: bool, scale: float, mode: Mod
     "bool return_lse) -> (Tensor, Tensor)",
 )
 def _sageattn_op(q, k, v, layout, is_causal, scale, mode, attn_mask, return_lse):
-    problem = check_qkv(q, k, v, layout)
-    out, lse = _run(q, k, v, layout, problem, is_causal, scale, Mode(mode), attn_mask, return_lse)
+    sizes = qkv_sizes(q, k, v, check_layout(layout))
+    out, lse = _run(q, k, v, layout, sizes, is_causal, scale, Mode(mode), attn_mask, return_lse)
     return out, lse if lse is not None else q.new_empty((0,), dtype=torch.float32)
 
 

@@ -101,6 +101,11 @@ def wgmma_fits(cc: tuple[int, int], mode: Mode, head_dim: int) -> bool:
 
 _preferred_family: str | None = None
 
+# Plans by `plan`'s own arguments: one dictionary lookup per call, where `_plan`'s key needs the device's
+# compute capability first (the device's type alone costs a string per call). A device with an index
+# always has the same capability, which `capability` caches for good too.
+_plans: dict[tuple, Plan] = {}
+
 
 @contextlib.contextmanager
 def prefer_family(family: str | None) -> Iterator[None]:
@@ -124,8 +129,15 @@ def plan(
     has_mask: bool,
 ) -> Plan:
     """The plan for one call's static properties (cached; never reads tensor data)."""
+    key = (mode, device, head_dim, dtype, has_mask, _preferred_family)
+    found = _plans.get(key)
+    if found is not None:
+        return found
     cc = capability.device_capability(device)
-    return _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family)
+    found = _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family)
+    if device.index is not None or device.type != "cuda":  # "cuda" alone means the current device: it may change
+        _plans[key] = found
+    return found
 
 
 @functools.cache
@@ -187,4 +199,5 @@ def _plan(
 
 def clear_cache() -> None:
     """Forget cached plans (after the extension or the device set changes; for tests)."""
+    _plans.clear()
     _plan.cache_clear()

@@ -31,6 +31,8 @@ class Mode(str, enum.Enum):
         """`Mode` from a `Mode` or its string name; `ValueError` naming the accepted values otherwise."""
         if isinstance(value, cls):
             return value
+        if type(value) is str and value in _BY_VALUE:  # the common spellings, without Enum's lookup machinery
+            return _BY_VALUE[value]
         if isinstance(value, str):
             try:
                 return cls(value.strip().lower())
@@ -65,3 +67,4 @@ class Mode(str, enum.Enum):
 QUANTIZED_MODES = (Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16)
 _QK_BITS = {Mode.INT8_FP8: 8, Mode.INT4_FP8: 4, Mode.INT8_FP16: 8, Mode.INT4_FP16: 4}
 _PV_FP8 = {Mode.INT8_FP8: True, Mode.INT4_FP8: True, Mode.INT8_FP16: False, Mode.INT4_FP16: False}
+_BY_VALUE = {m.value: m for m in Mode}  # "int8_fp8" -> Mode.INT8_FP8: what `Mode.parse` returns for that exact string

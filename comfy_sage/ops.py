@@ -42,8 +42,18 @@ def empty_lse(q: torch.Tensor, nhd: bool, return_lse: bool) -> torch.Tensor:
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:
-    ok = x.stride(-1) == 1 and all(s % _ALIGN_ELEMENTS == 0 for s in x.stride()[:-1]) and x.data_ptr() % 16 == 0
-    return x if ok else x.contiguous()
+    """`x`, or a fresh contiguous copy where its head_dim is strided or its rows are not 16-byte aligned (the
+    strides of size-1 dimensions are never used, so they do not count)."""
+    if x.data_ptr() % 16 == 0 and x.is_contiguous():  # the usual input
+        return x
+    strides, sizes = x.stride(), x.shape
+    ok = (
+        strides[-1] == 1
+        and all(s % _ALIGN_ELEMENTS == 0 for s, n in zip(strides[:-1], sizes[:-1], strict=True) if n > 1)
+        and x.data_ptr() % 16 == 0
+    )
+    # A fresh allocation is aligned; `contiguous()` would return a misaligned contiguous `x` itself.
+    return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
 def attention(
@@ -62,9 +72,12 @@ def attention(
     bfloat16."""
     out_dtype = q.dtype
     if out_dtype == torch.float32:
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    q, k, v = (_aligned(t) for t in (q, k, v))
+        q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
     out, lse = torch.ops.comfy_sage.attention(
-        q, k, v, LAYOUT_CODES[layout], mode.qk_bits, mode.pv_fp8, is_causal, scale, return_lse, FAMILY_CODES[family]
-    )
-    return out.to(out_dtype), (lse if return_lse else None)
+        _aligned(q), _aligned(k), _aligned(v), LAYOUT_CODES[layout], mode.qk_bits, mode.pv_fp8, is_causal, scale,
+        return_lse, FAMILY_CODES[family],
+    )  # fmt: skip
+    # The kernel's own tensor when the dtype matches (`out.to` would return it too, through the dispatcher).
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return out, (lse if return_lse else None)

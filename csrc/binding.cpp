@@ -45,7 +45,9 @@ void check_input(const Tensor& x, const char* name, ScalarType dtype, int64_t de
   STD_TORCH_CHECK(x.scalar_type() == dtype, name, " must have q's dtype (float16 or bfloat16)");
   STD_TORCH_CHECK(x.stride(3) == 1, name, " must be contiguous in head_dim");
   STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
-  for (int i = 0; i < 3; ++i) STD_TORCH_CHECK(x.stride(i) % 8 == 0, name, " strides must be multiples of 8");
+  for (int i = 0; i < 3; ++i) {  // a size-1 dimension's stride is never used
+    STD_TORCH_CHECK(x.size(i) == 1 || x.stride(i) % 8 == 0, name, " strides must be multiples of 8");
+  }
 }
 
 constexpr int64_t kFamilySm80 = 80, kFamilySm90 = 90;
@@ -54,10 +56,14 @@ constexpr int64_t kFamilySm80 = 80, kFamilySm90 = 90;
 constexpr bool kHaveSm90 = false;
 bool sm90_runs() { return false; }
 cudaError_t run_sm90(const AttentionArgs&, cudaStream_t) { return cudaErrorNoKernelImageForDevice; }
+void sm90_buffers(const Shape&, bool, int64_t* partial_floats, int* counters) { *partial_floats = 0, *counters = 0; }
 #else
 constexpr bool kHaveSm90 = true;
 bool sm90_runs() { return sm90_runs_on_current_device(); }
 cudaError_t run_sm90(const AttentionArgs& a, cudaStream_t stream) { return run_sm90_attention(a, stream); }
+void sm90_buffers(const Shape& s, bool causal, int64_t* partial_floats, int* counters) {
+  sm90_split_buffers(s, causal, partial_floats, counters);
+}
 #endif
 
 std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, bool pv_fp8,
@@ -102,19 +108,22 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   const int64_t bq = dq.b * dq.h, bkv = dk.b * dk.h;
   const bool int4 = qk_bits == 4;
   const int64_t q_blocks = s.padded_q / sm80_block_q(s.padded_dim), k_blocks = s.padded_kv / s.block_k;
+  int64_t split_floats = 0;
+  int split_counters = 0;
+  if (sm90) sm90_buffers(s, is_causal, &split_floats, &split_counters);
   const int64_t sizes[] = {
       bq * s.padded_q * s.padded_dim * qk_bits / 8,         // q
       bq * (s.padded_q / kSm80WarpQ) * 8 * 4,               // q_scale
       bkv * s.padded_kv * s.padded_dim * qk_bits / 8,       // k
       bkv * k_blocks * 4 * 4,                               // k_scale
-      bkv * s.padded_dim * 4,                               // k_sum
+      (bkv * s.padded_dim * 2 + split_counters) * 4,        // k_sum, v_amax, split counters (one memset)
       bkv * s.padded_kv * s.padded_dim * (pv_fp8 ? 1 : 2),  // v
-      bkv * s.padded_dim * 4,                               // v_amax
       return_lse ? bq * dq.n * 4 : 0,                       // q·k̄
       int4 ? bkv * s.padded_kv * s.padded_dim : 0,          // k8
       int4 ? bkv * k_blocks * 4 * 4 : 0,                    // k8_scale
       int4 ? bq * q_blocks * s.padded_dim : 0,              // q_mean
       int4 ? bq * q_blocks * 4 : 0,                         // q_mean_scale
+      split_floats * 4,                                     // the wgmma kernel's split-tile partials
   };
   constexpr int kBuffers = sizeof(sizes) / sizeof(sizes[0]);
   int64_t offsets[kBuffers], total = 0;
@@ -136,12 +145,15 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.buf.k_scale = reinterpret_cast<float*>(base + offsets[3]);
   a.buf.k_sum = reinterpret_cast<float*>(base + offsets[4]);
   a.buf.v = base + offsets[5];
-  a.buf.v_amax = reinterpret_cast<float*>(base + offsets[6]);
-  a.buf.q_dot_kmean = return_lse ? reinterpret_cast<float*>(base + offsets[7]) : nullptr;
-  a.buf.k8 = int4 ? reinterpret_cast<int8_t*>(base + offsets[8]) : nullptr;
-  a.buf.k8_scale = int4 ? reinterpret_cast<float*>(base + offsets[9]) : nullptr;
-  a.buf.q_mean = int4 ? reinterpret_cast<int8_t*>(base + offsets[10]) : nullptr;
-  a.buf.q_mean_scale = int4 ? reinterpret_cast<float*>(base + offsets[11]) : nullptr;
+  a.buf.v_amax = a.buf.k_sum + bkv * s.padded_dim;
+  a.buf.q_dot_kmean = return_lse ? reinterpret_cast<float*>(base + offsets[6]) : nullptr;
+  a.buf.k8 = int4 ? reinterpret_cast<int8_t*>(base + offsets[7]) : nullptr;
+  a.buf.k8_scale = int4 ? reinterpret_cast<float*>(base + offsets[8]) : nullptr;
+  a.buf.q_mean = int4 ? reinterpret_cast<int8_t*>(base + offsets[9]) : nullptr;
+  a.buf.q_mean_scale = int4 ? reinterpret_cast<float*>(base + offsets[10]) : nullptr;
+  a.split_partials = split_floats > 0 ? reinterpret_cast<float*>(base + offsets[11]) : nullptr;
+  a.split_counters = split_counters > 0 ? reinterpret_cast<int*>(a.buf.v_amax + bkv * s.padded_dim) : nullptr;
+  a.num_split_counters = split_counters;
   a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) : nullptr;
   a.sm_scale = static_cast<float>(sm_scale);
   a.causal = is_causal;

@@ -278,6 +278,26 @@ def test_plan_does_not_reload_the_extension(gpu, monkeypatch):
     assert len(calls) == 1
 
 
+def test_plan_of_an_indexed_device_is_one_lookup(gpu, monkeypatch):
+    """What every call asks (tensors' devices have an index): no capability query once the plan is known."""
+    gpu((9, 0))
+    asked = []
+    monkeypatch.setattr(capability, "device_capability", lambda device: asked.append(device) or (9, 0))
+    cuda0 = torch.device("cuda", 0)
+    first = plan("int8_fp8", device=cuda0)
+    for _ in range(100):
+        assert plan("int8_fp8", device=torch.device("cuda:0")) is first
+    assert asked == [cuda0] and first.kernel.family == "sm90"
+
+
+def test_plan_of_the_current_device_follows_it(gpu, monkeypatch):
+    """`torch.device("cuda")` means whichever GPU is current, so its plan is not cached by the device."""
+    gpu((8, 0))
+    assert plan("auto").mode is Mode.INT8_FP16
+    monkeypatch.setattr(capability, "device_capability", lambda device: (8, 9))  # an sm_89 made current
+    assert plan("auto").mode is Mode.INT8_FP8
+
+
 def test_tiling_follows_the_head_dim(gpu):
     gpu((8, 9))
     assert plan(head_dim=128).kernel.tiling == SM80

@@ -56,3 +56,40 @@ def test_misaligned_inputs_are_made_contiguous(recorded):
     ops.attention(q, q, q, "HND", Mode.INT8_FP8, is_causal=False, scale=0.125, return_lse=False)
     sent = recorded[0]["q"]
     assert sent.is_contiguous() and sent.data_ptr() % 16 == 0 and torch.equal(sent, q)
+
+
+def test_misaligned_contiguous_inputs_are_copied(recorded):
+    """A contiguous tensor that starts off a 16-byte boundary (a view into a larger buffer) is copied: the
+    kernels read 16-byte vectors."""
+    q = torch.randn(2 * 8 * 64 + 1, dtype=torch.float16)[1:].view(1, 2, 8, 64)
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    ops.attention(q, q, q, "HND", Mode.INT8_FP8, is_causal=False, scale=0.125, return_lse=False)
+    sent = recorded[0]["q"]
+    assert sent.is_contiguous() and sent.data_ptr() % 16 == 0 and torch.equal(sent, q)
+
+
+def test_size_one_dimensions_do_not_force_a_copy(recorded):
+    """The stride of a size-1 dimension is never used, so an odd one does not make the input a copy."""
+    q = torch.randn(1, 2, 8, 64, dtype=torch.float16).as_strided((1, 2, 8, 64), (3, 512, 64, 1))
+    ops.attention(q, q, q, "HND", Mode.INT8_FP8, is_causal=False, scale=0.125, return_lse=False)
+    assert recorded[0]["q"] is q
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_inputs_and_output_pass_through_uncopied(monkeypatch, dtype):
+    """Aligned inputs reach the op as they are, contiguous or not (Q, K, V split from one fused projection),
+    and the op's output comes back itself: no copy, no `.to` through the dispatcher."""
+    sent, returned = [], []
+
+    def fake(q, k, v, *args):
+        sent.append((q, k, v))
+        returned.append(torch.zeros_like(q))
+        return returned[-1], q.new_zeros((0,), dtype=torch.float32)
+
+    monkeypatch.setattr(torch.ops.comfy_sage, "attention", fake, raising=False)
+    q = torch.randn(1, 8, 2, 64, dtype=dtype)  # NHD
+    k, v = torch.randn(1, 8, 2, 2, 64, dtype=dtype).unbind(2)  # NHD views with a token stride of 256
+    assert not k.is_contiguous()
+    out, lse = ops.attention(q, k, v, "NHD", Mode.INT8_FP8, is_causal=False, scale=0.125, return_lse=False)
+    assert len(sent) == 1 and all(a is b for a, b in zip(sent[0], (q, k, v), strict=True))
+    assert out is returned[0] and lse is None

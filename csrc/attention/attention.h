@@ -17,5 +17,8 @@ bool sm80_runs_on_current_device();
 // INT8 Q·Kᵀ, FP8 P·V, head dims 64 and 128; AttentionArgs::shape.block_k must be kSm90BlockK.
 cudaError_t run_sm90_attention(const AttentionArgs& args, cudaStream_t stream);
 bool sm90_runs_on_current_device();
+// The sizes of AttentionArgs::split_partials (floats) and split_counters the wgmma kernel needs for a call
+// on the current device (zero when it splits no tile).
+void sm90_split_buffers(const Shape& shape, bool causal, int64_t* partial_floats, int* counters);
 
 }  // namespace comfy_sage

@@ -13,12 +13,12 @@
 
 namespace comfy_sage {
 
+// `softmax.l` must hold whole-row sums (OnlineSoftmax::reduce_sums done); store_rows below does that first.
 template <bool kPvFp8, int kTiles, int kOTiles>
-__device__ __forceinline__ void store_rows(const AttentionArgs& a, OnlineSoftmax<kTiles>& softmax,
+__device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineSoftmax<kTiles>& softmax,
                                            const float (&o)[kOTiles][4], int row0, int b, int hq, int bhq,
                                            int bhkv, int t, float exp_offset) {
   const Shape& s = a.shape;
-  softmax.reduce_sums();
   const float* v_amax = a.buf.v_amax + static_cast<int64_t>(bhkv) * s.padded_dim;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
@@ -47,6 +47,14 @@ __device__ __forceinline__ void store_rows(const AttentionArgs& a, OnlineSoftmax
       a.lse[static_cast<int64_t>(bhq) * s.seq_q + row] = lse;
     }
   }
+}
+
+template <bool kPvFp8, int kTiles, int kOTiles>
+__device__ __forceinline__ void store_rows(const AttentionArgs& a, OnlineSoftmax<kTiles>& softmax,
+                                           const float (&o)[kOTiles][4], int row0, int b, int hq, int bhq,
+                                           int bhkv, int t, float exp_offset) {
+  softmax.reduce_sums();
+  write_rows<kPvFp8>(a, softmax, o, row0, b, hq, bhq, bhkv, t, exp_offset);
 }
 
 }  // namespace comfy_sage

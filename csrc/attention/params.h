@@ -48,7 +48,8 @@ struct QuantBuffers {
   float* k_sum;     // [B, Hkv, padded_dim]  (Σ over tokens; the mean is k_sum / seq_kv)
   void* v;          // FP8: [B, Hkv, padded_dim, padded_kv] e4m3, tokens permuted in groups of 16;
                     // FP16: [B, Hkv, padded_kv, padded_dim] half
-  float* v_amax;    // [B, Hkv, padded_dim]  (FP8 only; float bits reduced with atomicMax)
+  float* v_amax;    // [B, Hkv, padded_dim] right after k_sum  (FP8 only; float bits reduced with atomicMax);
+                    // AttentionArgs::split_counters follow it
   float* q_dot_kmean;  // [B, Hq, seq_q] q·k̄ for the LSE, or null
 };
 
@@ -62,6 +63,11 @@ struct AttentionArgs {
   bool causal;
   int qk_bits;  // 8 or 4
   bool pv_fp8;
+  // The wgmma kernel's split tiles (Sm90Split): their partial results, and one arrival counter per tile and
+  // consumer, zeroed by the quantization's memset (they follow v_amax). Null / 0 without split tiles.
+  float* split_partials;
+  int* split_counters;
+  int num_split_counters;
 };
 
 }  // namespace comfy_sage

@@ -8,6 +8,8 @@
 //                 (kBlockK is the attention kernel's K block: 64 for mma.sync, 128 for wgmma.)
 //   3. quant_q:   per warp slice of kWarpQ rows: Q to INT8 with one scale per row group {r : r mod 8 = g},
 //                 sm_scale·log2(e) folded into the scale; optionally q·k̄ per row for the LSE.
+// For INT8, 2 and 3 are one launch (quant_kvq: they do not depend on each other), so the quantization is a
+// memset and two launches; each launch costs host time and a gap on the GPU, which show at image sizes.
 // Rounding matches comfy_sage/reference/quant.py: x_q = rint(x · (127 / amax)), scale = amax / 127.
 #include <cuda_runtime.h>
 
@@ -59,6 +61,8 @@ constexpr float qmax() {
 // from holds keys 2t, 2t+1, 8+2t, 9+2t of each 16. So those registers are the A operand as they are, with
 // no shuffles (mma.sync m16n8k32 and wgmma m64nNk32 alike).
 
+constexpr uint4 kZero16 = {0u, 0u, 0u, 0u};  // eight zeros in fp16 and in bf16
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
   const Shape& s = a.shape;
@@ -99,8 +103,9 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
   }
 }
 
+// K block `block` of K/V head `bh` (a CTA of kThreads).
 template <typename T, int kDim, int kBlockK, int kBits>
-__global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
+__device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block, int bh) {
   constexpr int kVecs = kDim / 8;                               // 8-channel vectors per token
   constexpr int kPerThread = kBlockK * kVecs / kThreads;        // vectors each thread quantizes
   static_assert(kBlockK * kVecs % kThreads == 0, "tile must split evenly over the threads");
@@ -108,8 +113,8 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   // and the lanes that share a group are those equal outside the low log2(2 · kVecs) bits of the lane id.
   static_assert((kThreads / kVecs) % kRowGroups == 0 && 2 * kVecs <= 2 * kWarpSize, "one K group per thread");
   const Shape& s = a.shape;
-  const int bh = blockIdx.y, b = bh / s.heads_kv, h = bh % s.heads_kv;
-  const int t0 = blockIdx.x * kBlockK;
+  const int b = bh / s.heads_kv, h = bh % s.heads_kv;
+  const int t0 = block * kBlockK;
   const float inv_n = 1.f / static_cast<float>(s.seq_kv);
   const float* k_sum = a.buf.k_sum + bh * s.padded_dim;
   const int lane = threadIdx.x % kWarpSize;
@@ -119,25 +124,35 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   __syncthreads();
 
   // K: load, smooth, and find the amax of this thread's group (registers, then the warp, then one shared
-  // atomic per group and warp).
-  float x[kPerThread][8];
+  // atomic per group and warp). The vectors stay packed between the two passes over them (half the
+  // registers: more CTAs per SM). A thread's vectors all hold the same 8 channels.
+  static_assert(kThreads % kVecs == 0, "one channel vector per thread");
+  const int c = threadIdx.x % kVecs * 8;
+  float mean[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) mean[e] = c < s.head_dim ? k_sum[c + e] * inv_n : 0.f;
+  auto token_in = [&](int i) { return t0 + (threadIdx.x + i * kThreads) / kVecs < s.seq_kv && c < s.head_dim; };
+  // x = K − k̄ of vector i, zeros for padded tokens and channels.
+  auto smoothed = [&](float (&x)[8], uint4 raw, int i) {
+    unpack8<T>(x, raw);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = token_in(i) ? x[e] - mean[e] : 0.f;
+  };
+  uint4 xr[kPerThread];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    const int64_t t = t0 + (threadIdx.x + i * kThreads) / kVecs;
+    xr[i] = token_in(i) ? *reinterpret_cast<const uint4*>(static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride +
+                                                           h * a.k.head_stride + t * a.k.token_stride + c)
+                        : kZero16;
+  }
   float m = 0.f;
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
-    const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
-    const int t = t0 + tok, c = cv * 8;
-    if (t < s.seq_kv && c < s.head_dim) {
-      load8(x[i], static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride +
-                      static_cast<int64_t>(t) * a.k.token_stride + c);
+    float x[8];
+    smoothed(x, xr[i], i);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        x[i][e] -= k_sum[c + e] * inv_n;
-        m = fmaxf(m, fabsf(x[i][e]));
-      }
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[i][e] = 0.f;
-    }
+    for (int e = 0; e < 8; ++e) m = fmaxf(m, fabsf(x[e]));
   }
 #pragma unroll
   for (int mask = 1; mask < 2 * kVecs && mask < kWarpSize; mask *= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, mask));
@@ -146,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   __syncthreads();
   const int num_blocks = s.padded_kv / kBlockK;
   if (threadIdx.x < kColGroups) {
-    const int64_t at = (static_cast<int64_t>(bh) * num_blocks + blockIdx.x) * kColGroups + threadIdx.x;
+    const int64_t at = (static_cast<int64_t>(bh) * num_blocks + block) * kColGroups + threadIdx.x;
     a.buf.k_scale[at] = group_amax[threadIdx.x] / qmax<kBits>();
     if (kBits == 4) a.buf.k8_scale[at] = group_amax[threadIdx.x] / kInt8Max;
   }
@@ -155,8 +170,11 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
   for (int i = 0; i < kPerThread; ++i) {
     const int idx = threadIdx.x + i * kThreads, tok = idx / kVecs, cv = idx % kVecs;
     const int64_t row = static_cast<int64_t>(bh) * s.padded_kv + t0 + tok;
-    store_packed<kBits>(a.buf.k + row * (kDim * kBits / 8) + cv * kBits, x[i], inv_scale(amax, qmax<kBits>()));
-    if constexpr (kBits == 4) store_packed<8>(a.buf.k8 + row * kDim + cv * 8, x[i], inv_scale(amax, kInt8Max));
+    float x[8];
+    launder(xr[i]);
+    smoothed(x, xr[i], i);
+    store_packed<kBits>(a.buf.k + row * (kDim * kBits / 8) + cv * kBits, x, inv_scale(amax, qmax<kBits>()));
+    if constexpr (kBits == 4) store_packed<8>(a.buf.k8 + row * kDim + cv * 8, x, inv_scale(amax, kInt8Max));
   }
 
   const T* v_head = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride;
@@ -212,31 +230,34 @@ __global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
 // fourth 8-channel vector. With kBits == 4 the CTA is one Q block (the attention kernel's block_q rows):
 // its mean q̄ over the valid rows is subtracted first (Q smoothing) and written in INT8 for ΔS.
 template <typename T, int kDim, int kWarpQ, int kBits, int kWarps>
-__global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArgs a) {
+__device__ __forceinline__ void quant_q_block(const AttentionArgs& a, int block, int bh, int num_blocks) {
   static_assert(kWarpQ == 16, "one lane quad per row pair: rows g and g+8 of a 16-row warp slice");
   constexpr int kVecsPerLane = kDim / 8 / 4;  // the 4 lanes of a quad split a row's vectors
   constexpr bool kSmooth = kBits == 4;
   const Shape& s = a.shape;
-  const int bh = blockIdx.y, b = bh / s.heads_q, h = bh % s.heads_q;
+  const int b = bh / s.heads_q, h = bh % s.heads_q;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int slice = blockIdx.x * kWarps + warp;
+  const int slice = block * kWarps + warp;
+  if constexpr (!kSmooth) {
+    if (slice * kWarpQ >= s.padded_q) return;  // a CTA of the merged launch past the last row (no barriers here)
+  }
   const int g = lane / 4, quad = lane % 4;
   const int rows[2] = {slice * kWarpQ + g, slice * kWarpQ + g + 8};
   const float sm_scale_log2 = a.sm_scale * kLog2e;
 
-  float x[2][kVecsPerLane][8];
+  // The vectors stay packed as loaded (half the registers of floats) and are unpacked in each pass over
+  // them; padded rows and channels hold zeros.
+  uint4 raw[2][kVecsPerLane];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
     for (int i = 0; i < kVecsPerLane; ++i) {
       const int c = (quad + 4 * i) * 8;
-      if (rows[r] < s.seq_q && c < s.head_dim) {
-        load8(x[r][i], static_cast<const T*>(a.q.ptr) + b * a.q.batch_stride + h * a.q.head_stride +
-                           static_cast<int64_t>(rows[r]) * a.q.token_stride + c);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) x[r][i][e] = 0.f;
-      }
+      raw[r][i] = rows[r] < s.seq_q && c < s.head_dim
+                      ? *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q.ptr) + b * a.q.batch_stride +
+                                                        h * a.q.head_stride +
+                                                        static_cast<int64_t>(rows[r]) * a.q.token_stride + c)
+                      : kZero16;
     }
   }
 
@@ -250,8 +271,10 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArg
 #pragma unroll
       for (int i = 0; i < kVecsPerLane; ++i) {
         const int c = (quad + 4 * i) * 8;
+        float x[8];
+        unpack8<T>(x, raw[r][i]);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot += c < s.head_dim ? x[r][i][e] * (k_sum[c + e] * inv_n) : 0.f;
+        for (int e = 0; e < 8; ++e) dot += c < s.head_dim ? x[e] * (k_sum[c + e] * inv_n) : 0.f;
       }
       dot += __shfl_xor_sync(0xffffffffu, dot, 1);
       dot += __shfl_xor_sync(0xffffffffu, dot, 2);
@@ -259,17 +282,31 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArg
     }
   }
 
+  // Row r's vector i as floats, less the block mean q̄ with Q smoothing (valid rows only: padded rows stay 0).
+  __shared__ float q_sum[kSmooth ? kDim : 1];
+  float inv_rows = 0.f;
+  auto value = [&](float (&x)[8], int r, int i) {
+    launder(raw[r][i]);
+    unpack8<T>(x, raw[r][i]);
+    if constexpr (kSmooth) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] -= rows[r] < s.seq_q ? q_sum[(quad + 4 * i) * 8 + e] * inv_rows : 0.f;
+    }
+  };
+
   if constexpr (kSmooth) {
-    __shared__ float q_sum[kDim];
     __shared__ float mean_amax;
     for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) q_sum[c] = 0.f;
     if (threadIdx.x == 0) mean_amax = 0.f;
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < kVecsPerLane; ++i) {
+      float x0[8], x1[8];
+      unpack8<T>(x0, raw[0][i]);
+      unpack8<T>(x1, raw[1][i]);
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        float v = x[0][i][e] + x[1][i][e];  // padded rows hold zeros
+        float v = x0[e] + x1[e];  // padded rows hold zeros
         v += __shfl_xor_sync(0xffffffffu, v, 4);
         v += __shfl_xor_sync(0xffffffffu, v, 8);
         v += __shfl_xor_sync(0xffffffffu, v, 16);
@@ -277,21 +314,12 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArg
       }
     }
     __syncthreads();
-    const int q0 = blockIdx.x * kWarps * kWarpQ;
-    const float inv_rows = 1.f / static_cast<float>(max(1, min(kWarps * kWarpQ, s.seq_q - q0)));
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      if (rows[r] >= s.seq_q) continue;  // padded rows stay zero
-#pragma unroll
-      for (int i = 0; i < kVecsPerLane; ++i) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) x[r][i][e] -= q_sum[(quad + 4 * i) * 8 + e] * inv_rows;
-      }
-    }
+    const int q0 = block * kWarps * kWarpQ;
+    inv_rows = 1.f / static_cast<float>(max(1, min(kWarps * kWarpQ, s.seq_q - q0)));
     // q̄ in INT8, one scale for the block: the A operand of the attention kernel's ΔS mma.
     for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) atomic_max_nonneg(&mean_amax, fabsf(q_sum[c] * inv_rows));
     __syncthreads();
-    const int64_t qb = static_cast<int64_t>(bh) * gridDim.x + blockIdx.x;
+    const int64_t qb = static_cast<int64_t>(bh) * num_blocks + block;
     const float mean_inv = inv_scale(mean_amax, kInt8Max);
     for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) {
       a.buf.q_mean[qb * kDim + c] = static_cast<int8_t>(quantize<127>(q_sum[c] * inv_rows, mean_inv));
@@ -304,8 +332,10 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArg
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
     for (int i = 0; i < kVecsPerLane; ++i) {
+      float x[8];
+      value(x, r, i);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[r][i][e]));
+      for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
     }
   }
   amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
@@ -319,11 +349,50 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArg
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
     for (int i = 0; i < kVecsPerLane; ++i) {
+      float x[8];
+      value(x, r, i);
       store_packed<kBits>(a.buf.q + (static_cast<int64_t>(bh) * s.padded_q + rows[r]) * (kDim * kBits / 8) +
                               (quad + 4 * i) * kBits,
-                          x[r][i], inv);
+                          x, inv);
     }
   }
+}
+
+template <typename T, int kDim, int kBlockK, int kBits>
+__global__ void __launch_bounds__(kThreads) quant_kv_kernel(AttentionArgs a) {
+  quant_kv_block<T, kDim, kBlockK, kBits>(a, blockIdx.x, blockIdx.y);
+}
+
+template <typename T, int kDim, int kWarpQ, int kBits, int kWarps>
+__global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArgs a) {
+  quant_q_block<T, kDim, kWarpQ, kBits, kWarps>(a, blockIdx.x, blockIdx.y, gridDim.x);
+}
+
+// INT8: K/V and Q in one launch (no dependency between them), a 1-D grid of the K/V CTAs and then the Q
+// CTAs of kThreads / kWarpSize warp slices each: one launch less, and each part's tail overlaps the other.
+constexpr int kQWarpsMerged = kThreads / kWarpSize;
+
+template <typename T, int kDim, int kBlockK>
+__global__ void __launch_bounds__(kThreads) quant_kvq_kernel(AttentionArgs a) {
+  const Shape& s = a.shape;
+  const int kv_blocks = s.padded_kv / kBlockK, kv_ctas = kv_blocks * s.batch * s.heads_kv;
+  const int cta = blockIdx.x;
+  if (cta < kv_ctas) {
+    quant_kv_block<T, kDim, kBlockK, 8>(a, cta % kv_blocks, cta / kv_blocks);
+  } else {
+    const int q_blocks = (s.padded_q / kSm80WarpQ + kQWarpsMerged - 1) / kQWarpsMerged;
+    quant_q_block<T, kDim, kSm80WarpQ, 8, kQWarpsMerged>(a, (cta - kv_ctas) % q_blocks, (cta - kv_ctas) / q_blocks,
+                                                         q_blocks);
+  }
+}
+
+template <typename T, int kDim, int kBlockK>
+void launch_kvq(const AttentionArgs& a, cudaStream_t stream) {
+  const Shape& s = a.shape;
+  const int64_t kv_ctas = static_cast<int64_t>(s.padded_kv / kBlockK) * s.batch * s.heads_kv;
+  const int64_t q_blocks = (s.padded_q / kSm80WarpQ + kQWarpsMerged - 1) / kQWarpsMerged;
+  const int64_t ctas = kv_ctas + q_blocks * s.batch * s.heads_q;
+  quant_kvq_kernel<T, kDim, kBlockK><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(a);
 }
 
 template <typename T, int kDim>
@@ -336,14 +405,9 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
   }
   if (a.qk_bits == 8) {
     if constexpr (kDim <= 128) {  // the wgmma kernel's 128-key groups (head dims 64 and 128 only)
-      if (s.block_k == kSm90BlockK) {
-        quant_kv_kernel<T, kDim, kSm90BlockK, 8><<<dim3(s.padded_kv / kSm90BlockK, bh_kv), kThreads, 0, stream>>>(a);
-      }
+      if (s.block_k == kSm90BlockK) launch_kvq<T, kDim, kSm90BlockK>(a, stream);
     }
-    if (s.block_k == kSm80BlockK) {
-      quant_kv_kernel<T, kDim, kSm80BlockK, 8><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
-    }
-    quant_q_kernel<T, kDim, kSm80WarpQ, 8, 4><<<dim3(s.padded_q / 64, bh_q), 128, 0, stream>>>(a);
+    if (s.block_k == kSm80BlockK) launch_kvq<T, kDim, kSm80BlockK>(a, stream);
   } else {  // INT4: the Q CTA is the attention kernel's Q block, whose mean Q smoothing removes
     constexpr int kBlockQ = sm80_block_q(kDim), kWarps = kBlockQ / kSm80WarpQ;
     quant_kv_kernel<T, kDim, kSm80BlockK, 4><<<dim3(s.padded_kv / kSm80BlockK, bh_kv), kThreads, 0, stream>>>(a);
@@ -356,9 +420,10 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
 
 cudaError_t launch_quantize(const AttentionArgs& a, cudaStream_t stream) {
   const Shape& s = a.shape;
+  // k_sum, v_amax and the split counters are one block of memory (params.h): one memset clears them.
   const size_t dim_bytes = static_cast<size_t>(s.batch) * s.heads_kv * s.padded_dim * sizeof(float);
-  cudaError_t err = cudaMemsetAsync(a.buf.k_sum, 0, dim_bytes, stream);
-  if (err == cudaSuccess && a.pv_fp8) err = cudaMemsetAsync(a.buf.v_amax, 0, dim_bytes, stream);
+  const size_t counter_bytes = static_cast<size_t>(a.num_split_counters) * sizeof(int);
+  cudaError_t err = cudaMemsetAsync(a.buf.k_sum, 0, 2 * dim_bytes + counter_bytes, stream);
   if (err != cudaSuccess) return err;
   const bool bf16 = a.dtype == DType::kBFloat16;
   if (s.padded_dim == 64) {

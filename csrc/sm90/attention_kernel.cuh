@@ -24,6 +24,7 @@
 #include <cuda.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../attention/epilogue.cuh"
@@ -36,12 +37,48 @@
 
 namespace comfy_sage {
 
+// The last, partial wave of tiles split along the keys. Every tile (B · Hq · padded_q / 192 of them, row
+// block fastest) is the same work without the causal mask, and one CTA fills an SM, so CTAs run in waves of
+// `sms`; when the last wave is short, its tiles run in `splits` parts of their K blocks each (CTAs
+// split_from, split_from + 1, ... take the parts of tile split_from, then the next tile, ...), the parts'
+// unnormalized O, row max and row sum go to AttentionArgs::split_partials, and the last part to finish a
+// tile (an arrival counter per tile and consumer) combines them into the output.
+struct Sm90Split {
+  int split_from = 0;  // the first split tile (= the number of tiles when none is split)
+  int splits = 1;      // parts per split tile
+  int split_tiles = 0;
+  int64_t ctas() const { return split_from + static_cast<int64_t>(split_tiles) * splits; }
+};
+constexpr int kSm90MaxSplits = 8;
+constexpr int kSm90MinBlocksPerPart = 2;  // each part still pays a CTA's start and the combine
+// The split kernel's K loop measured 3-4% slower than the plain one at long sequences (same instructions,
+// scheduled differently), so a launch splits only where that saves more: at least this fraction of the
+// whole-tile time, (1 − 1 / splits) of one wave out of all the waves.
+constexpr double kSm90MinSplitGain = 0.08;
+
+inline Sm90Split sm90_split(const Shape& s, bool causal, int sms) {
+  const int64_t tiles = static_cast<int64_t>(s.padded_q / kSm90BlockQ) * s.heads_q * s.batch;
+  const int k_blocks = (s.seq_kv + kSm90BlockK - 1) / kSm90BlockK;
+  const int64_t tail = sms > 0 ? tiles % sms : 0;
+  Sm90Split plan;
+  plan.split_from = static_cast<int>(tiles);
+  if (causal || tail == 0) return plan;  // causal tiles differ in length: they run longest first, whole
+  const int64_t splits = std::min<int64_t>({sms / tail, k_blocks / kSm90MinBlocksPerPart, kSm90MaxSplits});
+  const int64_t waves = (tiles + sms - 1) / sms;
+  if (splits < 2 || (1.0 - 1.0 / splits) / waves < kSm90MinSplitGain) return plan;
+  plan.split_from = static_cast<int>(tiles - tail);
+  plan.splits = static_cast<int>(splits);
+  plan.split_tiles = static_cast<int>(tail);
+  return plan;
+}
+
 // Kernel parameters: the three TMA descriptors must live in parameter space (__grid_constant__).
 struct Sm90Params {
   CUtensorMap q_map;  // INT8 Q  [B·Hq][padded_q][D], box D × 128 × 1
   CUtensorMap k_map;  // INT8 K  [B·Hkv][padded_kv][D], box D × 128 × 1
   CUtensorMap v_map;  // FP8 V^T [B·Hkv][D][padded_kv], box 128 × D × 1
   AttentionArgs args;
+  Sm90Split split;
 };
 
 template <int kDim>
@@ -77,7 +114,9 @@ struct Sm90Traits {
                 "the warpgroups' registers must fit the CTA's allocation");
 };
 
-template <int kDim>
+// kSplit: the 1-D grid of a launch with split tiles (Sm90Split); otherwise a (row block, q head, batch) grid
+// and none of the split code, which measurably slows the K loop of long sequences when merely present.
+template <int kDim, bool kSplit>
 __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     sm90_attention_kernel(const __grid_constant__ Sm90Params p) {
   using Tr = Sm90Traits<kDim>;
@@ -94,11 +133,21 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   auto full = [&](int stage) { return bars + 8 * (1 + stage); };
   auto empty = [&](int stage) { return bars + 8 * (1 + Tr::kStages + stage); };
 
+  // This CTA's tile, and its part of the tile's K blocks: [kb0, num_k_blocks) (Sm90Split).
   const int num_q_blocks = s.padded_q / Tr::kBlockQ;
-  const int q_block = a.causal ? num_q_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int hq = blockIdx.y, b = blockIdx.z;
-  const int hkv = hq / (s.heads_q / s.heads_kv);
-  const int bhq = b * s.heads_q + hq, bhkv = b * s.heads_kv + hkv;
+  int tile = blockIdx.x, part = 0, q_block, hq, b;
+  if constexpr (kSplit) {  // never causal
+    if (tile >= p.split.split_from) {
+      const int item = tile - p.split.split_from;
+      tile = p.split.split_from + item / p.split.splits;
+      part = item % p.split.splits;
+    }
+    q_block = tile % num_q_blocks, hq = tile / num_q_blocks % s.heads_q, b = tile / num_q_blocks / s.heads_q;
+  } else {
+    q_block = a.causal ? num_q_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
+    hq = blockIdx.y, b = blockIdx.z;
+  }
+  const int bhq = b * s.heads_q + hq, bhkv = b * s.heads_kv + hq / (s.heads_q / s.heads_kv);
   const int q0 = q_block * Tr::kBlockQ;
   const int diag = s.seq_kv - s.seq_q;  // key j is visible to row i iff j <= i + diag (causal)
   int num_k_blocks = (s.seq_kv + Tr::kBlockK - 1) / Tr::kBlockK;
@@ -106,6 +155,10 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     const int last_key = q0 + Tr::kBlockQ - 1 + diag;
     num_k_blocks = last_key < 0 ? 0 : min(num_k_blocks, last_key / Tr::kBlockK + 1);
   }
+  const bool split = kSplit && tile >= p.split.split_from;
+  const bool last_part = !split || part == p.split.splits - 1;  // holds the padded keys, if any
+  const int kb0 = split ? part * num_k_blocks / p.split.splits : 0;
+  if (split) num_k_blocks = (part + 1) * num_k_blocks / p.split.splits;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -120,14 +173,14 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   const int wg = threadIdx.x / 128;
   if (wg == 0) {  // ---- producer ----
     setmaxnreg_dec<Tr::kProducerRegs>();
-    if (threadIdx.x == 0 && num_k_blocks > 0) {
+    if (threadIdx.x == 0 && num_k_blocks > kb0) {
       prefetch_tensor_map(&p.q_map);
       prefetch_tensor_map(&p.k_map);
       prefetch_tensor_map(&p.v_map);
       mbar_arrive_expect_tx(q_full, Tr::kQBytes);
       tma_load_3d(s_q, &p.q_map, 0, q0, bhq, q_full);
-      for (int kb = 0; kb < num_k_blocks; ++kb) {
-        const int stage = kb % Tr::kStages, use = kb / Tr::kStages;
+      for (int kb = kb0; kb < num_k_blocks; ++kb) {
+        const int stage = (kb - kb0) % Tr::kStages, use = (kb - kb0) / Tr::kStages;
         if (use > 0) mbar_wait(empty(stage), (use - 1) & 1);
         mbar_arrive_expect_tx(full(stage), Tr::kKBytes + Tr::kVBytes);
         tma_load_3d(s_k(stage), &p.k_map, 0, kb * Tr::kBlockK, bhkv, full(stage));
@@ -232,9 +285,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     }
   };
   auto block = [&](int kb, auto masked) {
-    const int stage = kb % Tr::kStages;
+    const int stage = (kb - kb0) % Tr::kStages;
     const float k_scale = k_scales[kb * kColGroups + t];
-    mbar_wait(full(stage), (kb / Tr::kStages) & 1);
+    mbar_wait(full(stage), ((kb - kb0) / Tr::kStages) & 1);
     float sf[Tr::kSTiles][4];
     {
       int32_t acc[Tr::kSTiles * 4];
@@ -251,17 +304,17 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
     add_block(blk);
   };
-  if (num_k_blocks > 0) {
+  if (num_k_blocks > kb0) {
     mbar_wait(q_full, 0);
     // Blocks before `first_masked` have no padded key and none hidden by the causal mask from any of this
     // warpgroup's rows (the smallest row sees the fewest keys).
-    int first_masked = s.seq_kv % Tr::kBlockK ? num_k_blocks - 1 : num_k_blocks;
+    int first_masked = s.seq_kv % Tr::kBlockK && last_part ? num_k_blocks - 1 : num_k_blocks;
     if (a.causal) {
       const int hidden_after = q0 + c * Tr::kWgRows + diag - (Tr::kBlockK - 1);
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
     if constexpr (!Tr::kOverlapQk) {
-      for (int kb = 0; kb < num_k_blocks; ++kb) {
+      for (int kb = kb0; kb < num_k_blocks; ++kb) {
         if (kb < first_masked) {
           block(kb, std::false_type{});
         } else {
@@ -277,7 +330,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       wgmma_wait<0>();
       fence_registers(acc);
       auto pipelined = [&](int kb, auto masked, auto last) {
-        const int stage = kb % Tr::kStages;
+        const int stage = (kb - kb0) % Tr::kStages;
         const float k_scale = k_scales[kb * kColGroups + t];
         float sf[Tr::kSTiles][4];
         softmax_step(sf, acc, kb, k_scale, softmax, masked);
@@ -285,8 +338,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
         float blk[Tr::kOTiles * 4];
         issue_pv(blk, stage);
         if constexpr (!decltype(last)::value) {
-          const int next = (kb + 1) % Tr::kStages;
-          mbar_wait(full(next), ((kb + 1) / Tr::kStages) & 1);
+          const int next = (kb - kb0 + 1) % Tr::kStages;
+          mbar_wait(full(next), ((kb - kb0 + 1) / Tr::kStages) & 1);
           issue_qk(acc, next);
           wgmma_wait<1>();  // P̃·V; Q·Kᵀ of the next block may still run
         } else {
@@ -300,7 +353,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
           fence_registers(acc);
         }
       };
-      for (int kb = 0; kb + 1 < num_k_blocks; ++kb) {
+      for (int kb = kb0; kb + 1 < num_k_blocks; ++kb) {
         if (kb < first_masked) {
           pipelined(kb, std::false_type{}, std::false_type{});
         } else {
@@ -316,7 +369,74 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   }
 
   // ---- epilogue ----
-  store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
+  if constexpr (!kSplit) {
+    store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
+    return;
+  }
+  if (!split) {
+    store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
+    return;
+  }
+  // A part of a split tile: its unnormalized O, row max and whole-row sum, in this lane's own positions;
+  // the part that arrives last at this consumer's counter combines all parts (in part order: the result
+  // does not depend on which finished last) and writes the output.
+  softmax.reduce_sums();
+  const int64_t split_tile = tile - p.split.split_from;
+  const int64_t rows_per_part = Tr::kBlockQ;
+  auto part_o = [&](int prt) {
+    return a.split_partials + ((split_tile * p.split.splits + prt) * rows_per_part + c * Tr::kWgRows) * (kDim + 2);
+  };
+  const int r_local = warp * 16 + g;  // rows r_local and r_local + 8 of this consumer's 64
+  {
+    float* mine = part_o(part);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float* row = mine + (r_local + 8 * half) * (kDim + 2);
+#pragma unroll
+      for (int n = 0; n < Tr::kOTiles; ++n) {
+        *reinterpret_cast<float2*>(row + n * 8 + 2 * t) = make_float2(o[n][2 * half], o[n][2 * half + 1]);
+      }
+      if (t == 0) *reinterpret_cast<float2*>(row + kDim) = make_float2(softmax.m[half], softmax.l[half]);
+    }
+  }
+  __threadfence();  // the partials are visible GPU-wide before the arrival below
+  named_barrier_sync(1 + c, 128);
+  if (threadIdx.x % 128 == 0) {
+    const int arrived = atomicAdd(a.split_counters + split_tile * Tr::kConsumers + c, 1);
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_p), "r"(arrived == p.split.splits - 1 ? 1 : 0) : "memory");
+  }
+  named_barrier_sync(1 + c, 128);
+  uint32_t last = 0;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(last) : "r"(s_p) : "memory");
+  if (last == 0) return;
+  __threadfence();
+  OnlineSoftmax<Tr::kSTiles> total;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float m_max = -kInf;
+    for (int prt = 0; prt < p.split.splits; ++prt) {
+      m_max = fmaxf(m_max, __ldcg(part_o(prt) + (r_local + 8 * half) * (kDim + 2) + kDim));
+    }
+    const float m_use = m_max == -kInf ? 0.f : m_max;
+    float l = 0.f;
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) o[n][2 * half] = o[n][2 * half + 1] = 0.f;
+    for (int prt = 0; prt < p.split.splits; ++prt) {
+      const float* row = part_o(prt) + (r_local + 8 * half) * (kDim + 2);
+      const float2 ml = __ldcg(reinterpret_cast<const float2*>(row + kDim));
+      const float w = ml.x == -kInf ? 0.f : exp2f(ml.x - m_use);
+      l = fmaf(ml.y, w, l);
+#pragma unroll
+      for (int n = 0; n < Tr::kOTiles; ++n) {
+        const float2 x = __ldcg(reinterpret_cast<const float2*>(row + n * 8 + 2 * t));
+        o[n][2 * half] = fmaf(x.x, w, o[n][2 * half]);
+        o[n][2 * half + 1] = fmaf(x.y, w, o[n][2 * half + 1]);
+      }
+    }
+    total.m[half] = m_max;
+    total.l[half] = l;
+  }
+  write_rows<true>(a, total, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
 }
 
 }  // namespace comfy_sage

@@ -4,6 +4,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
 #include "../attention/attention.h"
 #include "../quant/quantize.h"
 #include "attention_kernel.cuh"
@@ -53,6 +57,31 @@ bool encode_bytes_3d(CUtensorMap* map, const void* ptr, uint64_t inner, uint64_t
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The dynamic shared-memory opt-in of `kKernel`, once per device (otherwise a host call per launch).
+template <auto kKernel>
+cudaError_t allow_smem(int bytes) {
+  static std::atomic<uint64_t> done{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
+  return err;
+}
+
+// SMs of the current device (0 if unknown: then no tile is split).
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return sms;
+}
+
 template <int kDim>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   using Tr = Sm90Traits<kDim>;
@@ -65,11 +94,22 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
       !encode_bytes_3d(&p.v_map, a.buf.v, s.padded_kv, kDim, bh_kv, Tr::kBlockK, kDim)) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = sm90_attention_kernel<kDim>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  p.split = sm90_split(s, a.causal, sm_count());
+  if (p.split.split_tiles == 0) {
+    const dim3 grid(s.padded_q / Tr::kBlockQ, s.heads_q, s.batch);
+    cudaError_t err = allow_smem<sm90_attention_kernel<kDim, false>>(Tr::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    sm90_attention_kernel<kDim, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+  if (a.split_partials == nullptr || a.num_split_counters < p.split.split_tiles * Tr::kConsumers) {
+    return cudaErrorInvalidValue;  // the caller sized the buffers with sm90_split_buffers
+  }
+  if (p.split.ctas() > INT32_MAX) return cudaErrorInvalidConfiguration;
+  cudaError_t err = allow_smem<sm90_attention_kernel<kDim, true>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(s.padded_q / Tr::kBlockQ, s.heads_q, s.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  const auto ctas = static_cast<unsigned>(p.split.ctas());
+  sm90_attention_kernel<kDim, true><<<ctas, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -85,9 +125,15 @@ bool sm90_runs_on_current_device() {
   }
   if (major != 9 || minor != 0 || encode_tiled() == nullptr) return false;  // sm_90a code runs on 9.0 only
   cudaFuncAttributes attributes;
-  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm90_attention_kernel<128>);
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm90_attention_kernel<128, false>);
   if (err != cudaSuccess) (void)cudaGetLastError();
   return err == cudaSuccess;
+}
+
+void sm90_split_buffers(const Shape& s, bool causal, int64_t* partial_floats, int* counters) {
+  const Sm90Split plan = sm90_split(s, causal, sm_count());
+  *partial_floats = static_cast<int64_t>(plan.split_tiles) * plan.splits * kSm90BlockQ * (s.padded_dim + 2);
+  *counters = plan.split_tiles * Sm90Traits<128>::kConsumers;  // one per tile and consumer warpgroup
 }
 
 cudaError_t run_sm90_attention(const AttentionArgs& a, cudaStream_t stream) {

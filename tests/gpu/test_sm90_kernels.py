@@ -101,6 +101,19 @@ def test_cuda_graph_capture_and_side_stream():
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_unaligned_and_size_one_strided_views():
+    """A contiguous view that starts off a 16-byte boundary and a size-1 dimension with an odd stride give
+    exactly what the same values in a fresh tensor give."""
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=300, nkv=300, d=128, dtype=torch.bfloat16, layout="HND")
+    expected = comfy_sage.sageattn(q, k, v, mode="int8_fp8")
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)[1:].view(q.shape)
+    shifted.copy_(q)
+    odd = k.as_strided(k.shape, (3, *k.stride()[1:]))  # batch 1: its stride is never used
+    out = comfy_sage.sageattn(shifted, odd, v, mode="int8_fp8")
+    assert shifted.data_ptr() % 16 != 0
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
 def test_wrong_family_requests_are_refused():
     q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=64, nkv=64, d=256, dtype=torch.float16, layout="HND")
     with pytest.raises(RuntimeError, match="head_dim up to 128"):
