@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "../attention/attention.h"
+#include "../common/smem_opt_in.h"
 #include "../quant/quantize.h"
 #include "attention_kernel.cuh"
 
@@ -29,11 +30,10 @@ namespace {
 template <int kQkBits, int kDim, bool kPvFp8>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   using Tr = Sm80Traits<kQkBits, kDim, kPvFp8>;
-  auto kernel = sm80_attention_kernel<kQkBits, kDim, kPvFp8>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes);
+  const cudaError_t err = allow_smem<sm80_attention_kernel<kQkBits, kDim, kPvFp8>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(a.shape.padded_q / Tr::kBlockQ, a.shape.heads_q, a.shape.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
+  sm80_attention_kernel<kQkBits, kDim, kPvFp8><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -4,11 +4,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
 #include "../attention/attention.h"
+#include "../common/smem_opt_in.h"
 #include "../quant/quantize.h"
 #include "attention_kernel.cuh"
 
@@ -55,20 +55,6 @@ bool encode_bytes_3d(CUtensorMap* map, const void* ptr, uint64_t inner, uint64_t
   return fn(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(ptr), dims, strides, box, elem_strides,
             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// The dynamic shared-memory opt-in of `kKernel`, once per device (otherwise a host call per launch).
-template <auto kKernel>
-cudaError_t allow_smem(int bytes) {
-  static std::atomic<uint64_t> done{0};
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_relaxed) & bit) != 0) return cudaSuccess;
-  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (err == cudaSuccess) done.fetch_or(bit, std::memory_order_relaxed);
-  return err;
 }
 
 // SMs of the current device (0 if unknown: then no tile is split).
