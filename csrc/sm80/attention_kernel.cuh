@@ -48,10 +48,20 @@ struct Sm80Traits {
   static constexpr int kQBytes = kBlockQ * kQkRow;
   static constexpr int kKBytes = kBlockK * kQkRow + (kSmoothQ ? kBlockK * kK8Row : 0);
   static constexpr int kVBytes = kVRows * kVRow;
-  // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256, FP16 V) one stage.
+  // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256 but INT8 + FP8 P·V) one stage.
   static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes) + kBlockK * 4 <= 99 * 1024 ? 2 : 1;
   static constexpr int kDeltaBytes = kSmoothQ ? kBlockK * 4 : 0;  // ΔS of the current K block
-  static constexpr int kSmemBytes = kQBytes + kStages * (kKBytes + kVBytes) + kDeltaBytes;
+  // Head dim 256: a lane's 128 fp32 O accumulators leave too few of the 255 registers for the rest (ptxas
+  // spilled 48-108 bytes), so the kernel takes register-lean forms there (kLean's uses); the smaller head
+  // dims keep the forms, and the SASS, their speed was measured with.
+  static constexpr bool kLean = kDim > 128;
+  // The tile loads' lean form with one stage only: the two-stage variant (INT8 + FP8 P·V) has no spills
+  // without it on sm_80-89 and sm_120, and with it ptxas (nvcc 13.0) spills more: 116 bytes against 4 on
+  // sm_90 (in the P·V, where FP8 mma.sync is emulated), 12 against 0 on sm_120.
+  static constexpr bool kLeanLoads = kLean && kStages == 1;
+  static constexpr int kQMeanBytes = kSmoothQ && kLean ? kDim : 0;  // INT4's q̄ in INT8, for ldmatrix
+  static constexpr int kQMeanOffset = kQBytes + kStages * (kKBytes + kVBytes) + kDeltaBytes;
+  static constexpr int kSmemBytes = kQMeanOffset + kQMeanBytes;
   static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
   static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
   // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed
@@ -72,14 +82,32 @@ struct Sm80Traits {
 
 // Copies a kRows × kRowBytes tile (source rows `src_stride` bytes apart) into shared memory rows kDstRow
 // bytes apart, 16 bytes per cp.async (a tile smaller than one copy per thread leaves the rest idle).
-template <int kRows, int kRowBytes, int kDstRow, int kThreads>
+// kLean: the same copies, indexed without a division per copy. A thread's chunk column is the same in every
+// copy (kThreads is a multiple of kChunks) and its row advances by kThreads / kChunks, so each address is
+// one base plus a constant; dividing each copy's index leaves ptxas an address per copy (64 bits for the
+// global ones), which it hoists out of the K loop and holds through it, or spills.
+template <int kRows, int kRowBytes, int kDstRow, int kThreads, bool kLean = false>
 __device__ __forceinline__ void load_tile(uint8_t* dst, const uint8_t* src, int64_t src_stride) {
   constexpr int kChunks = kRowBytes / 16, kTotal = kRows * kChunks;
   static_assert(kTotal % kThreads == 0 || kTotal < kThreads, "the tile must split evenly over the threads");
+  if constexpr (kLean) {
+    static_assert(kThreads % kChunks == 0, "a thread's chunk column must not change between copies");
+    const int r0 = threadIdx.x / kChunks, c = threadIdx.x % kChunks;
 #pragma unroll
-  for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
-    const int idx = threadIdx.x + i * kThreads, r = idx / kChunks, c = idx % kChunks;
-    if (kTotal >= kThreads || idx < kTotal) cp_async_16(smem_addr(dst + r * kDstRow + c * 16), src + r * src_stride + c * 16);
+    for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+      const int r = r0 + i * (kThreads / kChunks);
+      if (kTotal >= kThreads || threadIdx.x < kTotal) {
+        cp_async_16(smem_addr(dst + r * kDstRow + c * 16), src + r * src_stride + c * 16);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < (kTotal + kThreads - 1) / kThreads; ++i) {
+      const int idx = threadIdx.x + i * kThreads, r = idx / kChunks, c = idx % kChunks;
+      if (kTotal >= kThreads || idx < kTotal) {
+        cp_async_16(smem_addr(dst + r * kDstRow + c * 16), src + r * src_stride + c * 16);
+      }
+    }
   }
 }
 
@@ -119,21 +147,22 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
 
   // ---- loads ----
   auto load_kv = [&](int kb, int stage) {
-    load_tile<Tr::kBlockK, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads>(
+    load_tile<Tr::kBlockK, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads, Tr::kLeanLoads>(
         s_k(stage), reinterpret_cast<const uint8_t*>(gk) + kb * Tr::kBlockK * Tr::kQkBytes, Tr::kQkBytes);
     if constexpr (Tr::kSmoothQ) {
-      load_tile<Tr::kBlockK, kDim, Tr::kK8Row, Tr::kThreads>(
+      load_tile<Tr::kBlockK, kDim, Tr::kK8Row, Tr::kThreads, Tr::kLeanLoads>(
           s_k8(stage), reinterpret_cast<const uint8_t*>(gk8) + kb * Tr::kBlockK * kDim, kDim);
     }
     if constexpr (kPvFp8) {  // V^T: kDim channel rows of kBlockK bytes, row stride padded_kv
-      load_tile<kDim, Tr::kBlockK, Tr::kVRow, Tr::kThreads>(s_v(stage), gv + kb * Tr::kBlockK, s.padded_kv);
+      load_tile<kDim, Tr::kBlockK, Tr::kVRow, Tr::kThreads, Tr::kLeanLoads>(s_v(stage), gv + kb * Tr::kBlockK,
+                                                                             s.padded_kv);
     } else {  // V: kBlockK token rows of 2·kDim bytes
-      load_tile<Tr::kBlockK, 2 * kDim, Tr::kVRow, Tr::kThreads>(
+      load_tile<Tr::kBlockK, 2 * kDim, Tr::kVRow, Tr::kThreads, Tr::kLeanLoads>(
           s_v(stage), gv + static_cast<int64_t>(kb) * Tr::kBlockK * kDim * 2, 2 * kDim);
     }
   };
-  load_tile<Tr::kBlockQ, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads>(s_q, reinterpret_cast<const uint8_t*>(gq),
-                                                                  Tr::kQkBytes);
+  load_tile<Tr::kBlockQ, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads, Tr::kLeanLoads>(
+      s_q, reinterpret_cast<const uint8_t*>(gq), Tr::kQkBytes);
   if (num_k_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -141,14 +170,22 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
       a.buf.q_scale[(static_cast<int64_t>(bhq) * (s.padded_q / Tr::kWarpQ) + q0 / Tr::kWarpQ + warp) * kRowGroups + g];
   const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
 
-  // INT4: q̄ in INT8 as the A fragment of an mma whose 16 rows all hold q̄ (a0 = a1, a2 = a3).
-  uint32_t qm[Tr::kSmoothQ ? kDim / 32 : 1][2] = {};
+  // INT4: q̄ in INT8 as the A fragment of an mma whose 16 rows all hold q̄ (a0 = a1, a2 = a3). Held in
+  // registers it takes 2·kDim/32 of them (the mma wants a0..a3 in four registers, so each value twice);
+  // at head dim 256 those 32 do not fit, and ldmatrix rebuilds the fragment from shared memory per use.
+  uint32_t qm[Tr::kSmoothQ && !Tr::kLean ? kDim / 32 : 1][2] = {};
   float qm_scale = 0.f;
   if constexpr (Tr::kSmoothQ) {
     const int64_t qb = static_cast<int64_t>(bhq) * (s.padded_q / Tr::kBlockQ) + q_block;
-    const uint32_t* mean8 = reinterpret_cast<const uint32_t*>(a.buf.q_mean + qb * kDim);
+    if constexpr (Tr::kLean) {
+      load_tile<1, kDim, kDim, Tr::kThreads, Tr::kLeanLoads>(
+          smem + Tr::kQMeanOffset, reinterpret_cast<const uint8_t*>(a.buf.q_mean + qb * kDim), kDim);
+      cp_async_commit();  // waited for with the first K block, before the first ΔS
+    } else {
+      const uint32_t* mean8 = reinterpret_cast<const uint32_t*>(a.buf.q_mean + qb * kDim);
 #pragma unroll
-    for (int kk = 0; kk < kDim / 32; ++kk) qm[kk][0] = mean8[kk * 8 + t], qm[kk][1] = mean8[kk * 8 + 4 + t];
+      for (int kk = 0; kk < kDim / 32; ++kk) qm[kk][0] = mean8[kk * 8 + t], qm[kk][1] = mean8[kk * 8 + 4 + t];
+    }
     qm_scale = a.buf.q_mean_scale[qb];
   }
   const float* k8_scales = a.buf.k8_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
@@ -157,6 +194,15 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   OnlineSoftmax<Tr::kSTiles> softmax;
   constexpr float kExpOffset = kPvFp8 ? kLog2Fp8Max : 0.f;
   const uint32_t q_frag = smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + (lane >> 4) * 16);
+  // kLean: the lane's part of the K and V fragment addresses, so that each ldmatrix below is the stage's
+  // base plus a constant. Written from the generic pointers, the addresses cost a register per n-tile or
+  // per 32 bytes of K (16 for FP16 V), live through the block's products.
+  uint32_t k_lane = 0, v_lane = 0;
+  if constexpr (Tr::kLean) {
+    k_lane = ((lane / 16) * 8 + (lane & 7)) * Tr::kQkRow + ((lane / 8) & 1) * 16;
+    v_lane = kPvFp8 ? (lane & 7) * Tr::kVRow + (lane >> 3) * 16
+                    : (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kVRow + (lane >> 4) * 16;
+  }
 
   for (int kb = 0; kb < num_k_blocks; ++kb) {
     const int stage = Tr::kStages == 2 ? kb & 1 : 0;
@@ -178,8 +224,13 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
 #pragma unroll
       for (int p = 0; p < Tr::kSTiles / 2; ++p) {
         uint32_t kf[4];
-        const int m = lane / 8;
-        ldmatrix_x4(kf, smem_addr(s_k(stage) + (16 * p + (m / 2) * 8 + (lane & 7)) * Tr::kQkRow + kk * 32 + (m & 1) * 16));
+        if constexpr (Tr::kLean) {
+          ldmatrix_x4(kf, smem_addr(s_k(stage)) + k_lane + 16 * p * Tr::kQkRow + kk * 32);
+        } else {
+          const int m = lane / 8;
+          ldmatrix_x4(kf, smem_addr(s_k(stage) + (16 * p + (m / 2) * 8 + (lane & 7)) * Tr::kQkRow + kk * 32 +
+                                    (m & 1) * 16));
+        }
         if constexpr (kQkBits == 8) {
           mma_s8(acc[2 * p], qa, kf[0], kf[1]);
           mma_s8(acc[2 * p + 1], qa, kf[2], kf[3]);
@@ -197,10 +248,20 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
         for (int kk = 0; kk < kDim / 32; kk += 2) {
           uint32_t kf[4];  // keys 8n..8n+7; bytes kk*32.. (b0, b1) and (kk+1)*32.. (b0, b1)
           ldmatrix_x4(kf, smem_addr(s_k8(stage) + (8 * n + (lane & 7)) * Tr::kK8Row + kk * 32 + (lane >> 3) * 16));
-          const uint32_t q0a[4] = {qm[kk][0], qm[kk][0], qm[kk][1], qm[kk][1]};
-          const uint32_t q1a[4] = {qm[kk + 1][0], qm[kk + 1][0], qm[kk + 1][1], qm[kk + 1][1]};
-          mma_s8(d, q0a, kf[0], kf[1]);
-          mma_s8(d, q1a, kf[2], kf[3]);
+          if constexpr (Tr::kLean) {
+            // Matrices 0, 1 have all 8 rows at q̄ bytes kk*32.., 2, 3 at kk*32 + 16..: every lane gets
+            // words kk*8 + t, kk*8 + t, kk*8 + 4 + t, kk*8 + 4 + t, the register form's fragment.
+            uint32_t q0a[4], q1a[4];
+            ldmatrix_x4(q0a, smem_addr(smem + Tr::kQMeanOffset + kk * 32 + (lane >> 4) * 16));
+            ldmatrix_x4(q1a, smem_addr(smem + Tr::kQMeanOffset + (kk + 1) * 32 + (lane >> 4) * 16));
+            mma_s8(d, q0a, kf[0], kf[1]);
+            mma_s8(d, q1a, kf[2], kf[3]);
+          } else {
+            const uint32_t q0a[4] = {qm[kk][0], qm[kk][0], qm[kk][1], qm[kk][1]};
+            const uint32_t q1a[4] = {qm[kk + 1][0], qm[kk + 1][0], qm[kk + 1][1], qm[kk + 1][1]};
+            mma_s8(d, q0a, kf[0], kf[1]);
+            mma_s8(d, q1a, kf[2], kf[3]);
+          }
         }
         if (g == 0) {
           s_delta[8 * n + 2 * t] = static_cast<float>(d[0]) * qm_scale * k8_scale;
@@ -252,7 +313,11 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
 #pragma unroll
       for (int n = 0; n < Tr::kOTiles; ++n) {
         uint32_t vf[4];
-        ldmatrix_x4(vf, smem_addr(s_v(stage) + (n * 8 + (lane & 7)) * Tr::kVRow + (lane >> 3) * 16));
+        if constexpr (Tr::kLean) {
+          ldmatrix_x4(vf, smem_addr(s_v(stage)) + v_lane + n * 8 * Tr::kVRow);
+        } else {
+          ldmatrix_x4(vf, smem_addr(s_v(stage) + (n * 8 + (lane & 7)) * Tr::kVRow + (lane >> 3) * 16));
+        }
         float blk[4] = {};
         mma_e4m3(blk, pa[0], vf[0], vf[1]);
         mma_e4m3(blk, pa[1], vf[2], vf[3]);
@@ -268,8 +333,12 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
 #pragma unroll
         for (int n = 0; n < Tr::kOTiles; n += 2) {
           uint32_t vf[4];
-          const int token = 16 * c + ((lane >> 3) & 1) * 8 + (lane & 7);
-          ldmatrix_x4_trans(vf, smem_addr(s_v(stage) + token * Tr::kVRow + (n * 8 + (lane >> 4) * 8) * 2));
+          if constexpr (Tr::kLean) {
+            ldmatrix_x4_trans(vf, smem_addr(s_v(stage)) + v_lane + 16 * c * Tr::kVRow + n * 16);
+          } else {
+            const int token = 16 * c + ((lane >> 3) & 1) * 8 + (lane & 7);
+            ldmatrix_x4_trans(vf, smem_addr(s_v(stage) + token * Tr::kVRow + (n * 8 + (lane >> 4) * 8) * 2));
+          }
           mma_f16(o[n], pa, vf[0], vf[1]);
           mma_f16(o[n + 1], pa, vf[2], vf[3]);
         }
