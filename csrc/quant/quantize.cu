@@ -70,10 +70,11 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
   const int vecs = s.head_dim / 8;
   const int tokens_per_iter = kThreads / vecs;
   const int lane_token = threadIdx.x / vecs, cv = threadIdx.x % vecs;
-  __shared__ float k_sum[256], v_max[256];
-  for (int c = threadIdx.x; c < s.head_dim; c += kThreads) k_sum[c] = 0.f, v_max[c] = 0.f;
-  __syncthreads();
-  if (lane_token < tokens_per_iter) {
+  // Each thread's 8 partial sums and maxima, then one thread per channel over the token lanes: no shared-
+  // memory atomics (a float atomicAdd there is a compare-and-swap loop, 16-32 threads deep per address).
+  __shared__ float4 k_part[kThreads * 2], v_part[kThreads * 2];
+  const bool active = lane_token < tokens_per_iter;
+  if (active) {
     float ks[8] = {}, vm[8] = {};
     const T* kp = static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride + cv * 8;
     const T* vp = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride + cv * 8;
@@ -90,16 +91,23 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
         for (int i = 0; i < 8; ++i) vm[i] = fmaxf(vm[i], fabsf(x[i]));
       }
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      atomicAdd(&k_sum[cv * 8 + i], ks[i]);
-      if (a.pv_fp8) atomic_max_nonneg(&v_max[cv * 8 + i], vm[i]);
-    }
+    // Thread (lane_token, cv) holds channels 8·cv.. of its token lane: slot lane_token · vecs + cv.
+    k_part[2 * threadIdx.x] = make_float4(ks[0], ks[1], ks[2], ks[3]);
+    k_part[2 * threadIdx.x + 1] = make_float4(ks[4], ks[5], ks[6], ks[7]);
+    v_part[2 * threadIdx.x] = make_float4(vm[0], vm[1], vm[2], vm[3]);
+    v_part[2 * threadIdx.x + 1] = make_float4(vm[4], vm[5], vm[6], vm[7]);
   }
   __syncthreads();
+  const float* k_flat = reinterpret_cast<const float*>(k_part);
+  const float* v_flat = reinterpret_cast<const float*>(v_part);
   for (int c = threadIdx.x; c < s.head_dim; c += kThreads) {
-    atomicAdd(&a.buf.k_sum[bh * s.padded_dim + c], k_sum[c]);
-    if (a.pv_fp8) atomic_max_nonneg(&a.buf.v_amax[bh * s.padded_dim + c], v_max[c]);
+    float sum = 0.f, mx = 0.f;
+    for (int lt = 0; lt < tokens_per_iter; ++lt) {
+      sum += k_flat[lt * s.head_dim + c];
+      mx = fmaxf(mx, v_flat[lt * s.head_dim + c]);
+    }
+    atomicAdd(&a.buf.k_sum[bh * s.padded_dim + c], sum);
+    if (a.pv_fp8) atomic_max_nonneg(&a.buf.v_amax[bh * s.padded_dim + c], mx);
   }
 }
 
