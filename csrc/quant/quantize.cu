@@ -80,16 +80,26 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
     const T* vp = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride + cv * 8;
     const int t0 = blockIdx.x * kStatsTokensPerCta;
     const int t1 = min(s.seq_kv, t0 + kStatsTokensPerCta);
-    for (int t = t0 + lane_token; t < t1; t += tokens_per_iter) {
-      float x[8];
-      load8(x, kp + t * a.k.token_stride);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) ks[i] += x[i];
+    // Two tokens' loads in flight per step, kept packed until both are issued.
+    for (int t = t0 + lane_token; t < t1; t += 2 * tokens_per_iter) {
+      const int64_t t2 = t + tokens_per_iter;
+      const bool second = t2 < t1;
+      const uint4 k0 = *reinterpret_cast<const uint4*>(kp + t * a.k.token_stride);
+      const uint4 k1 = second ? *reinterpret_cast<const uint4*>(kp + t2 * a.k.token_stride) : kZero16;
+      uint4 v0 = kZero16, v1 = kZero16;
       if (a.pv_fp8) {
-        load8(x, vp + t * a.v.token_stride);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) vm[i] = fmaxf(vm[i], fabsf(x[i]));
+        v0 = *reinterpret_cast<const uint4*>(vp + t * a.v.token_stride);
+        if (second) v1 = *reinterpret_cast<const uint4*>(vp + t2 * a.v.token_stride);
       }
+      float x[8], y[8];
+      unpack8<T>(x, k0);
+      unpack8<T>(y, k1);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) ks[i] += x[i] + y[i];
+      unpack8<T>(x, v0);
+      unpack8<T>(y, v1);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) vm[i] = fmaxf(vm[i], fmaxf(fabsf(x[i]), fabsf(y[i])));
     }
     // Thread (lane_token, cv) holds channels 8·cv.. of its token lane: slot lane_token · vecs + cv.
     k_part[2 * threadIdx.x] = make_float4(ks[0], ks[1], ks[2], ks[3]);
