@@ -313,10 +313,11 @@ __device__ __forceinline__ void quant_q_block(const AttentionArgs& a, int block,
   };
 
   if constexpr (kSmooth) {
+    // Column sums: over the warp's rows by shuffles, then over the warps by one thread per channel (a float
+    // atomicAdd on shared memory would be a compare-and-swap loop, kWarps deep per address).
     __shared__ float mean_amax;
-    for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) q_sum[c] = 0.f;
+    __shared__ float warp_sum[kWarps][kDim];
     if (threadIdx.x == 0) mean_amax = 0.f;
-    __syncthreads();
 #pragma unroll
     for (int i = 0; i < kVecsPerLane; ++i) {
       float x0[8], x1[8];
@@ -328,8 +329,15 @@ __device__ __forceinline__ void quant_q_block(const AttentionArgs& a, int block,
         v += __shfl_xor_sync(0xffffffffu, v, 4);
         v += __shfl_xor_sync(0xffffffffu, v, 8);
         v += __shfl_xor_sync(0xffffffffu, v, 16);
-        if (g == 0) atomicAdd(&q_sum[(quad + 4 * i) * 8 + e], v);
+        if (g == 0) warp_sum[warp][(quad + 4 * i) * 8 + e] = v;
       }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < kDim; c += kWarps * kWarpSize) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += warp_sum[w][c];
+      q_sum[c] = sum;
     }
     __syncthreads();
     const int q0 = block * kWarps * kWarpQ;

@@ -39,6 +39,14 @@ def test_matrix(causal, nq, nkv):
         check(Mode.INT8_FP8, d, causal, layout, gqa, dtype, nq, nkv, kind=kind, family="sm90")
 
 
+def test_split_tiles():
+    """Few tiles over many K blocks: the short last wave runs in parts along the keys (up to 8) and the last
+    part to finish combines them, on any sm_90 GPU (2 tiles here against ~132 SMs). The matrix above covers
+    it too (N = 1000, 4097, 300 ↔ 1000), and the plain kernel where there are too few K blocks to split."""
+    check(Mode.INT8_FP8, 128, False, "HND", 1, torch.bfloat16, 150, 4000, family="sm90")
+    check(Mode.INT8_FP8, 64, False, "NHD", 4, torch.float16, 192, 2049, kind="biased", family="sm90")
+
+
 def test_batch_gqa_causal():
     check(Mode.INT8_FP8, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3, family="sm90")
     check(Mode.INT8_FP8, 64, False, "HND", 8, torch.float16, 2000, 3001, batch=2, family="sm90")
