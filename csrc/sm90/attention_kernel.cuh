@@ -1,6 +1,7 @@
 // The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 P·V on warpgroup tensor cores.
 //
-// One CTA = one (batch, q head, block of kSm90BlockQ = 192 query rows); four warpgroups:
+// One CTA = one (batch, q head, block of kSm90BlockQ = 192 query rows), or a part of one along the keys
+// when the tiles leave a short last wave (Sm90Split below); four warpgroups:
 //   warpgroup 0, the producer: one thread loads Q once and then K and V blocks of kSm90BlockK = 128 keys
 //     through TMA into a ring of kStages shared-memory stages ("full" mbarriers complete on the bytes;
 //     "empty" mbarriers count the consumer warps that are done with a stage). It gives its registers away
@@ -18,7 +19,8 @@
 //   Each consumer runs its blocks one after the other (at head dim 64 the next block's Q·Kᵀ already runs
 //   while it waits for P̃·V); the three interleave on the SM (one's exponentials while another's matmuls run). Three fit the register file (160 each) only because a consumer never
 //   holds two blocks' accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
-// Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE.
+// Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE; a part of a split tile
+// writes its unnormalized O, row max and row sum instead, and the last part combines them.
 #pragma once
 
 #include <cuda.h>
