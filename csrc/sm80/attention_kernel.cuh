@@ -25,6 +25,7 @@
 #include "../attention/epilogue.cuh"
 #include "../attention/params.h"
 #include "../attention/softmax.cuh"
+#include "../attention/tiles.cuh"
 #include "../common/constants.cuh"
 #include "../common/ptx.cuh"
 #include "../common/vec.cuh"
@@ -133,11 +134,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   const int q0 = q_block * Tr::kBlockQ;
   const int diag = s.seq_kv - s.seq_q;  // key j is visible to row i iff j <= i + diag (causal)
 
-  int num_k_blocks = (s.seq_kv + Tr::kBlockK - 1) / Tr::kBlockK;
-  if (a.causal) {
-    const int last_key = q0 + Tr::kBlockQ - 1 + diag;
-    num_k_blocks = last_key < 0 ? 0 : min(num_k_blocks, last_key / Tr::kBlockK + 1);
-  }
+  const int num_k_blocks = visible_k_blocks(s, a.causal, q0, Tr::kBlockQ, Tr::kBlockK);
 
   const int8_t* gq = a.buf.q + (static_cast<int64_t>(bhq) * s.padded_q + q0) * Tr::kQkBytes;
   const int8_t* gk = a.buf.k + static_cast<int64_t>(bhkv) * s.padded_kv * Tr::kQkBytes;

@@ -32,6 +32,7 @@
 #include "../attention/epilogue.cuh"
 #include "../attention/params.h"
 #include "../attention/softmax.cuh"
+#include "../attention/tiles.cuh"
 #include "../common/constants.cuh"
 #include "../common/ptx.cuh"
 #include "../common/ptx_sm90.cuh"
@@ -152,11 +153,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   const int bhq = b * s.heads_q + hq, bhkv = b * s.heads_kv + hq / (s.heads_q / s.heads_kv);
   const int q0 = q_block * Tr::kBlockQ;
   const int diag = s.seq_kv - s.seq_q;  // key j is visible to row i iff j <= i + diag (causal)
-  int num_k_blocks = (s.seq_kv + Tr::kBlockK - 1) / Tr::kBlockK;
-  if (a.causal) {
-    const int last_key = q0 + Tr::kBlockQ - 1 + diag;
-    num_k_blocks = last_key < 0 ? 0 : min(num_k_blocks, last_key / Tr::kBlockK + 1);
-  }
+  int num_k_blocks = visible_k_blocks(s, a.causal, q0, Tr::kBlockQ, Tr::kBlockK);
   const bool split = kSplit && tile >= p.split.split_from;
   const bool last_part = !split || part == p.split.splits - 1;  // holds the padded keys, if any
   const int kb0 = split ? part * num_k_blocks / p.split.splits : 0;
