@@ -397,6 +397,10 @@ __global__ void __launch_bounds__(kWarps* kWarpSize) quant_q_kernel(AttentionArg
 // INT8: K/V and Q in one launch (no dependency between them), a 1-D grid of the K/V CTAs and then the Q
 // CTAs of kThreads / kWarpSize warp slices each: one launch less, and each part's tail overlaps the other.
 constexpr int kQWarpsMerged = kThreads / kWarpSize;
+// The Q CTAs per head (the last may run past padded_q: its extra warps return at once).
+__host__ __device__ __forceinline__ int kvq_q_blocks(const Shape& s) {
+  return (s.padded_q / kSm80WarpQ + kQWarpsMerged - 1) / kQWarpsMerged;
+}
 
 template <typename T, int kDim, int kBlockK>
 __global__ void __launch_bounds__(kThreads) quant_kvq_kernel(AttentionArgs a) {
@@ -406,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) quant_kvq_kernel(AttentionArgs a) {
   if (cta < kv_ctas) {
     quant_kv_block<T, kDim, kBlockK, 8>(a, cta % kv_blocks, cta / kv_blocks);
   } else {
-    const int q_blocks = (s.padded_q / kSm80WarpQ + kQWarpsMerged - 1) / kQWarpsMerged;
+    const int q_blocks = kvq_q_blocks(s);
     quant_q_block<T, kDim, kSm80WarpQ, 8, kQWarpsMerged>(a, (cta - kv_ctas) % q_blocks, (cta - kv_ctas) / q_blocks,
                                                          q_blocks);
   }
@@ -416,7 +420,7 @@ template <typename T, int kDim, int kBlockK>
 void launch_kvq(const AttentionArgs& a, cudaStream_t stream) {
   const Shape& s = a.shape;
   const int64_t kv_ctas = static_cast<int64_t>(s.padded_kv / kBlockK) * s.batch * s.heads_kv;
-  const int64_t q_blocks = (s.padded_q / kSm80WarpQ + kQWarpsMerged - 1) / kQWarpsMerged;
+  const int64_t q_blocks = kvq_q_blocks(s);
   const int64_t ctas = kv_ctas + q_blocks * s.batch * s.heads_q;
   quant_kvq_kernel<T, kDim, kBlockK><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(a);
 }
