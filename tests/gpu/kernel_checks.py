@@ -14,7 +14,7 @@ import random
 import torch
 
 import comfy_sage
-from comfy_sage import dispatch, reference
+from comfy_sage import dispatch, ops, reference
 from comfy_sage.testing import make_qkv
 
 
@@ -90,3 +90,20 @@ def check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal", 
     if causal and nq > nkv:  # rows that see no key
         rows = out.transpose(1, 2) if layout == "NHD" else out
         assert (rows[:, :, : nq - nkv] == 0).all(), where
+
+
+def check_opcheck(family: str) -> None:
+    """`torch.library.opcheck` of the attention op run by kernel `family` ("sm80" or "sm90"): schema, fake
+    kernel and autograd registration, with and without the LSE and the causal mask."""
+    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
+    for layout, causal, lse in ((0, False, True), (0, True, False)):
+        args = (q, k, v, layout, 8, True, causal, 0.125, lse, ops.FAMILY_CODES[family])
+        torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
+
+
+def check_compile_fullgraph() -> None:
+    """`torch.compile(fullgraph=True)` of a function calling `sageattn` gives eager's output bit for bit (in the
+    kernel family the caller's `dispatch.prefer_family` selects)."""
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
+    compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)

@@ -7,7 +7,15 @@ import itertools
 
 import pytest
 import torch
-from kernel_checks import assert_as_accurate_as_reference, check, inputs, poisoned, seed
+from kernel_checks import (
+    assert_as_accurate_as_reference,
+    check,
+    check_compile_fullgraph,
+    check_opcheck,
+    inputs,
+    poisoned,
+    seed,
+)
 
 import comfy_sage
 from comfy_sage import dispatch, reference
@@ -83,16 +91,11 @@ def test_float32_inputs_return_float32():
 
 
 def test_opcheck():
-    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
-    for layout, causal, lse in ((0, False, True), (0, True, False)):
-        args = (q, k, v, layout, 8, True, causal, 0.125, lse, 80)
-        torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
+    check_opcheck("sm80")
 
 
 def test_compile_fullgraph():
-    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
-    compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)
+    check_compile_fullgraph()
 
 
 def test_runs_on_the_current_stream():

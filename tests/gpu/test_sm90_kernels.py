@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from kernel_checks import check, inputs, seed
+from kernel_checks import check, check_compile_fullgraph, check_opcheck, inputs, seed
 
 import comfy_sage
 from comfy_sage import capability, dispatch, reference
@@ -81,16 +81,11 @@ def test_large_values_stay_finite(dtype):
 
 
 def test_opcheck():
-    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
-    for layout, causal, lse in ((0, False, True), (0, True, False)):
-        args = (q, k, v, layout, 8, True, causal, 0.125, lse, 90)
-        torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
+    check_opcheck("sm90")
 
 
 def test_compile_fullgraph():
-    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
-    compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)
+    check_compile_fullgraph()
 
 
 def test_cuda_graph_capture_and_side_stream():
