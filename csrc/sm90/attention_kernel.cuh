@@ -17,8 +17,10 @@
 //       kernel), then wgmma m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh
 //       accumulator added into fp32 O with the rescale in the same FFMA (two-level accumulation).
 //   Each consumer runs its blocks one after the other (at head dim 64 the next block's Q·Kᵀ already runs
-//   while it waits for P̃·V); the three interleave on the SM (one's exponentials while another's matmuls run). Three fit the register file (160 each) only because a consumer never
-//   holds two blocks' accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
+//   while it waits for P̃·V); the three interleave on the SM, one's exponentials while another's matmuls
+//   run, and at head dim 128 they take turns at the tensor cores in a fixed order so that they stay out of
+//   step. Three fit the register file (160 each) only because a consumer never holds two blocks'
+//   accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
 // Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE; a part of a split tile
 // writes its unnormalized O, row max and row sum instead, and the last part combines them.
 #pragma once
@@ -107,6 +109,13 @@ struct Sm90Traits {
   static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
   // At head dim 64 (O and P̃·V: 32 registers each) a consumer can keep the next block's S in flight.
   static constexpr bool kOverlapQk = kDim == 64;
+  // At head dim 128 the consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a
+  // ring): each issues one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then
+  // hands over and runs its softmax while the next consumer's matrices run. Left alone, the three drift
+  // into step and wait on the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7%;
+  // at head dim 64, where Q·Kᵀ already overlaps, the turns cost 1%).
+  static constexpr bool kRing = kDim == 128;
+  static constexpr int kRingBarrier = 1 + kConsumers;  // 1..kConsumers: each consumer's own P̃-tile barrier
   static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   // setmaxnreg moves registers within the CTA's allocation (kThreads × the launch count, which
@@ -275,6 +284,18 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     named_barrier_sync(1 + c, 128);  // the whole tile is written
   };
 
+  // The turn at the tensor cores (Tr::kRing): wait for it, and hand it to the next consumer. Consumer c
+  // waits on barrier kRingBarrier + c, which the consumer before it arrives at; the last consumer opens the
+  // ring once at the start and skips its final hand-over, so every barrier completes as often as it is
+  // waited for. A turn: the previous block's P̃·V and its addition into O, then this block's Q·Kᵀ issued
+  // (the first turn: the first Q·Kᵀ; the last: the last P̃·V).
+  auto turn_wait = [&] {
+    if constexpr (Tr::kRing) named_barrier_sync(Tr::kRingBarrier + c, 256);
+  };
+  auto turn_pass = [&] {
+    if constexpr (Tr::kRing) named_barrier_arrive(Tr::kRingBarrier + (c + 1) % Tr::kConsumers, 256);
+  };
+
   float o[Tr::kOTiles][4] = {};
   OnlineSoftmax<Tr::kSTiles> softmax;
   // o relative to the new row max plus this block's product: one FFMA per element (no branch: control flow
@@ -286,6 +307,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       for (int e = 0; e < 4; ++e) o[n][e] = fmaf(o[n][e], softmax.alpha[e >> 1], blk[4 * n + e]);
     }
   };
+  // One K block: its Q·Kᵀ ends this consumer's turn (which began with the previous block's P̃·V, or before
+  // the first block), its P̃·V begins the next turn.
   auto block = [&](int kb, auto masked) {
     const int stage = (kb - kb0) % Tr::kStages;
     const float k_scale = k_scales[kb * kColGroups + t];
@@ -294,12 +317,14 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     {
       int32_t acc[Tr::kSTiles * 4];
       issue_qk(acc, stage);
+      turn_pass();
       wgmma_wait<0>();
       fence_registers(acc);
       softmax_step(sf, acc, kb, k_scale, softmax, masked);
     }
     store_p(sf);
     float blk[Tr::kOTiles * 4];
+    turn_wait();
     issue_pv(blk, stage);
     wgmma_wait<0>();
     fence_registers(blk);
@@ -307,7 +332,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     add_block(blk);
   };
   if (num_k_blocks > kb0) {
+    if (c == Tr::kConsumers - 1) turn_pass();  // consumer 0 goes first
     mbar_wait(q_full, 0);
+    turn_wait();
     // Blocks before `first_masked` have no padded key and none hidden by the causal mask from any of this
     // warpgroup's rows (the smallest row sees the fewest keys).
     int first_masked = s.seq_kv % Tr::kBlockK && last_part ? num_k_blocks - 1 : num_k_blocks;
@@ -368,6 +395,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
         pipelined(num_k_blocks - 1, std::true_type{}, std::true_type{});
       }
     }
+    if (c != Tr::kConsumers - 1) turn_pass();
   }
 
   // ---- epilogue ----
