@@ -100,6 +100,8 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
 
   const std::array<int64_t, 4> out_sizes = layout == kLayoutHND ? std::array<int64_t, 4>{dq.b, dq.h, dq.n, dq.d}
                                                                  : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
+  // Contiguous, so that every output row starts 16-byte aligned (head_dim is a multiple of 8): the kernels'
+  // epilogue writes 16-byte vectors.
   Tensor out = torch::stable::new_empty(q, {out_sizes.data(), 4});
   Tensor lse = return_lse ? torch::stable::new_empty(q, {dq.b, dq.h, dq.n}, ScalarType::Float)
                           : torch::stable::new_empty(q, {0}, ScalarType::Float);

@@ -13,6 +13,25 @@
 
 namespace comfy_sage {
 
+// A quad's 4 × 4 words w[i] (lane u holds word i of "row" u: 8-column tile 4j + i of O, columns 2u, 2u + 1)
+// transposed in two butterfly stages, so that lane u ends up with tile 4j + u whole: w[i] = lane i's word u,
+// 16 contiguous bytes of the output row. All 32 lanes must take part.
+__device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int t) {
+  const bool hi = t & 2, odd = t & 1;
+  {  // lanes t and t ^ 2 swap the 2 × 2 blocks off the diagonal
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, hi ? w[0] : w[2], 2);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, hi ? w[1] : w[3], 2);
+    const uint32_t n0 = hi ? r0 : w[0], n1 = hi ? r1 : w[1], n2 = hi ? w[2] : r0, n3 = hi ? w[3] : r1;
+    w[0] = n0, w[1] = n1, w[2] = n2, w[3] = n3;
+  }
+  {  // lanes t and t ^ 1 transpose within the blocks
+    const uint32_t r0 = __shfl_xor_sync(0xffffffffu, odd ? w[0] : w[1], 1);
+    const uint32_t r1 = __shfl_xor_sync(0xffffffffu, odd ? w[2] : w[3], 1);
+    const uint32_t n0 = odd ? r0 : w[0], n1 = odd ? w[1] : r0, n2 = odd ? r1 : w[2], n3 = odd ? w[3] : r1;
+    w[0] = n0, w[1] = n1, w[2] = n2, w[3] = n3;
+  }
+}
+
 // `softmax.l` must hold whole-row sums (OnlineSoftmax::reduce_sums done); store_rows below does that first.
 template <bool kPvFp8, int kTiles, int kOTiles>
 __device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineSoftmax<kTiles>& softmax,
@@ -31,6 +50,7 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineS
   // Column pair by column pair, both rows: no branch around a column (the V scales of all padded_dim channels
   // exist), and the scales read through the read-only path, so the compiler may load them ahead of the
   // stores instead of one memory latency per column (6 µs of a wgmma tile's 82 at Flux 1024²).
+  uint32_t bits[2][kOTiles];
 #pragma unroll
   for (int n = 0; n < kOTiles; ++n) {
     const int col = n * 8 + 2 * t;
@@ -46,9 +66,24 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineS
         x0 *= scale0;
         x1 *= scale1;
       }
-      const uint32_t bits = a.dtype == DType::kBFloat16 ? Elem<__nv_bfloat16>::from_float2(x0, x1)
-                                                         : Elem<__half>::from_float2(x0, x1);
-      if (row0 + half * 8 < s.seq_q && col < s.head_dim) *reinterpret_cast<uint32_t*>(out[half] + col) = bits;
+      bits[half][n] = a.dtype == DType::kBFloat16 ? Elem<__nv_bfloat16>::from_float2(x0, x1)
+                                                  : Elem<__half>::from_float2(x0, x1);
+    }
+  }
+  // 16-byte stores: the quad trades words so that each lane holds 8 consecutive columns of a row, and a
+  // warp's store fills 64 contiguous bytes of each of its 8 rows (4-byte stores filled 16). Every row start
+  // is 16-byte aligned: the binding allocates the output contiguous and head_dim is a multiple of 8.
+  static_assert(kOTiles % 4 == 0, "16-byte stores take O's 8-column tiles in fours");
+#pragma unroll
+  for (int j = 0; j < kOTiles / 4; ++j) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      uint32_t w[4] = {bits[half][4 * j], bits[half][4 * j + 1], bits[half][4 * j + 2], bits[half][4 * j + 3]};
+      quad_transpose(w, t);
+      const int col = (4 * j + t) * 8;
+      if (row0 + half * 8 < s.seq_q && col < s.head_dim) {
+        *reinterpret_cast<uint4*>(out[half] + col) = make_uint4(w[0], w[1], w[2], w[3]);
+      }
     }
   }
   if (a.lse != nullptr && t == 0) {
