@@ -78,7 +78,8 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineS
   for (int j = 0; j < kOTiles / 4; ++j) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      uint32_t w[4] = {bits[half][4 * j], bits[half][4 * j + 1], bits[half][4 * j + 2], bits[half][4 * j + 3]};
+      const uint32_t* tiles = bits[half] + 4 * j;
+      uint32_t w[4] = {tiles[0], tiles[1], tiles[2], tiles[3]};
       quad_transpose(w, t);
       const int col = (4 * j + t) * 8;
       if (row0 + half * 8 < s.seq_q && col < s.head_dim) {
