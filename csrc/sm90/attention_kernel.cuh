@@ -16,10 +16,9 @@
 //       order of the A fragment (V's tokens are permuted by the quantization to match, as in the mma.sync
 //       kernel), then wgmma m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh
 //       accumulator added into fp32 O with the rescale in the same FFMA (two-level accumulation).
-//   Each consumer runs its blocks one after the other (at head dim 64 the next block's Q·Kᵀ already runs
-//   while it waits for P̃·V); the three interleave on the SM, one's exponentials while another's matmuls
-//   run, and at head dim 128 they take turns at the tensor cores in a fixed order so that they stay out of
-//   step. Three fit the register file (160 each) only because a consumer never holds two blocks'
+//   Each consumer runs its blocks one after the other; the three interleave on the SM, one's exponentials
+//   while another's matmuls run, and take turns at the tensor cores in a fixed order so that they stay out
+//   of step. Three fit the register file (160 each) only because a consumer never holds two blocks'
 //   accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
 // Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE; a part of a split tile
 // writes its unnormalized O, row max and row sum instead, and the last part combines them.
@@ -107,14 +106,11 @@ struct Sm90Traits {
   // Three consumers fit the register file only without keeping two K blocks' accumulators live at once, so
   // each consumer runs its block sequentially and the three interleave on the SM.
   static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
-  // At head dim 64 (O and P̃·V: 32 registers each) a consumer can keep the next block's S in flight.
-  static constexpr bool kOverlapQk = kDim == 64;
-  // At head dim 128 the consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a
-  // ring): each issues one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then
-  // hands over and runs its softmax while the next consumer's matrices run. Left alone, the three drift
-  // into step and wait on the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7%;
-  // at head dim 64, where Q·Kᵀ already overlaps, the turns cost 1%).
-  static constexpr bool kRing = kDim == 128;
+  // The consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a ring): each issues
+  // one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then hands over and runs
+  // its softmax while the next consumer's matrices run. Left alone, the three drift into step and wait on
+  // the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7% at head dim 128; g5:
+  // +5% at SDXL, where it replaced keeping the next block's Q·Kᵀ in flight).
   static constexpr int kRingBarrier = 1 + kConsumers;  // 1..kConsumers: each consumer's own P̃-tile barrier
   static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
@@ -284,17 +280,13 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     named_barrier_sync(1 + c, 128);  // the whole tile is written
   };
 
-  // The turn at the tensor cores (Tr::kRing): wait for it, and hand it to the next consumer. Consumer c
-  // waits on barrier kRingBarrier + c, which the consumer before it arrives at; the last consumer opens the
-  // ring once at the start and skips its final hand-over, so every barrier completes as often as it is
-  // waited for. A turn: the previous block's P̃·V and its addition into O, then this block's Q·Kᵀ issued
+  // The turn at the tensor cores: wait for it, and hand it to the next consumer. Consumer c waits on
+  // barrier kRingBarrier + c, which the consumer before it arrives at; the last consumer opens the ring
+  // once at the start and skips its final hand-over, so every barrier completes as often as it is waited
+  // for. A turn: the previous block's P̃·V and its addition into O, then this block's Q·Kᵀ issued
   // (the first turn: the first Q·Kᵀ; the last: the last P̃·V).
-  auto turn_wait = [&] {
-    if constexpr (Tr::kRing) named_barrier_sync(Tr::kRingBarrier + c, 256);
-  };
-  auto turn_pass = [&] {
-    if constexpr (Tr::kRing) named_barrier_arrive(Tr::kRingBarrier + (c + 1) % Tr::kConsumers, 256);
-  };
+  auto turn_wait = [&] { named_barrier_sync(Tr::kRingBarrier + c, 256); };
+  auto turn_pass = [&] { named_barrier_arrive(Tr::kRingBarrier + (c + 1) % Tr::kConsumers, 256); };
 
   float o[Tr::kOTiles][4] = {};
   OnlineSoftmax<Tr::kSTiles> softmax;
@@ -342,57 +334,11 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       const int hidden_after = q0 + c * Tr::kWgRows + diag - (Tr::kBlockK - 1);
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
-    if constexpr (!Tr::kOverlapQk) {
-      for (int kb = kb0; kb < num_k_blocks; ++kb) {
-        if (kb < first_masked) {
-          block(kb, std::false_type{});
-        } else {
-          block(kb, std::true_type{});
-        }
-      }
-    } else {
-      // The next block's Q·Kᵀ is issued right behind this block's P̃·V, so it runs while this consumer waits
-      // for P̃·V and updates O: S stays live across the block (64 registers), which fits at head dim 64.
-      int32_t acc[Tr::kSTiles * 4];
-      mbar_wait(full(0), 0);
-      issue_qk(acc, 0);
-      wgmma_wait<0>();
-      fence_registers(acc);
-      auto pipelined = [&](int kb, auto masked, auto last) {
-        const int stage = (kb - kb0) % Tr::kStages;
-        const float k_scale = k_scales[kb * kColGroups + t];
-        float sf[Tr::kSTiles][4];
-        softmax_step(sf, acc, kb, k_scale, softmax, masked);
-        store_p(sf);
-        float blk[Tr::kOTiles * 4];
-        issue_pv(blk, stage);
-        if constexpr (!decltype(last)::value) {
-          const int next = (kb - kb0 + 1) % Tr::kStages;
-          mbar_wait(full(next), ((kb - kb0 + 1) / Tr::kStages) & 1);
-          issue_qk(acc, next);
-          wgmma_wait<1>();  // P̃·V; Q·Kᵀ of the next block may still run
-        } else {
-          wgmma_wait<0>();
-        }
-        fence_registers(blk);
-        if (lane == 0) mbar_arrive(empty(stage));
-        add_block(blk);
-        if constexpr (!decltype(last)::value) {
-          wgmma_wait<0>();
-          fence_registers(acc);
-        }
-      };
-      for (int kb = kb0; kb + 1 < num_k_blocks; ++kb) {
-        if (kb < first_masked) {
-          pipelined(kb, std::false_type{}, std::false_type{});
-        } else {
-          pipelined(kb, std::true_type{}, std::false_type{});
-        }
-      }
-      if (num_k_blocks - 1 < first_masked) {
-        pipelined(num_k_blocks - 1, std::false_type{}, std::true_type{});
+    for (int kb = kb0; kb < num_k_blocks; ++kb) {
+      if (kb < first_masked) {
+        block(kb, std::false_type{});
       } else {
-        pipelined(num_k_blocks - 1, std::true_type{}, std::true_type{});
+        block(kb, std::true_type{});
       }
     }
     if (c != Tr::kConsumers - 1) turn_pass();
