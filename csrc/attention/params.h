@@ -15,7 +15,8 @@ constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80Bloc
 
 // The wgmma family's tile (comfy_sage/tiling.py SM90): three consumer warpgroups of 64 Q rows (warps of 16),
 // 128 keys a step; its K scales are per 128-key block.
-constexpr int kSm90BlockQ = 192;
+// The wgmma family's CTA: 64 query rows per consumer warpgroup, four of them at head dim 64, three at 128.
+constexpr int sm90_block_q(int padded_dim) { return padded_dim <= 64 ? 256 : 192; }
 constexpr int kSm90BlockK = 128;
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };

@@ -1,12 +1,12 @@
 // The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 P·V on warpgroup tensor cores.
 //
-// One CTA = one (batch, q head, block of kSm90BlockQ = 192 query rows), or a part of one along the keys
-// when the tiles leave a short last wave (Sm90Split below); four warpgroups:
+// One CTA = one (batch, q head, block of sm90_block_q: 192 query rows at head dim 128, 256 at 64), or a
+// part of one along the keys when the tiles leave a short last wave (Sm90Split below); 4 or 5 warpgroups:
 //   warpgroup 0, the producer: one thread loads Q once and then K and V blocks of kSm90BlockK = 128 keys
 //     through TMA into a ring of kStages shared-memory stages ("full" mbarriers complete on the bytes;
 //     "empty" mbarriers count the consumer warps that are done with a stage). It gives its registers away
 //     (setmaxnreg) to
-//   warpgroups 1-3, the consumers, each owning 64 query rows. Per K block:
+//   warpgroups 1-3 (1-4 at head dim 64), the consumers, each owning 64 query rows. Per K block:
 //     S = Q̂·K̂ᵀ: wgmma m64n128k32 s8 with both operands in shared memory (128- or 64-byte swizzle, as TMA
 //       wrote them), dequantized with one multiply: a lane's elements share one Q scale (rows g, g+8 of its
 //       warp's 16) and one K scale (its columns 2t, 2t+1 of every 8; the quantization uses 128-key groups);
@@ -16,10 +16,11 @@
 //       order of the A fragment (V's tokens are permuted by the quantization to match, as in the mma.sync
 //       kernel), then wgmma m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh
 //       accumulator added into fp32 O with the rescale in the same FFMA (two-level accumulation).
-//   Each consumer runs its blocks one after the other; the three interleave on the SM, one's exponentials
-//   while another's matmuls run, and take turns at the tensor cores in a fixed order so that they stay out
-//   of step. Three fit the register file (160 each) only because a consumer never holds two blocks'
-//   accumulators at once; docs/hopper-notes.md has the designs tried and their timings.
+//   Each consumer runs its blocks one after the other; the consumers interleave on the SM, one's
+//   exponentials while another's matmuls run, and take turns at the tensor cores in a fixed order so that
+//   they stay out of step. Three fit the register file at head dim 128 (160 registers each), four at 64
+//   (112 each), only because a consumer never holds two blocks' accumulators at once;
+//   docs/hopper-notes.md has the designs tried and their timings.
 // Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE; a part of a split tile
 // writes its unnormalized O, row max and row sum instead, and the last part combines them.
 #pragma once
@@ -41,7 +42,7 @@
 
 namespace comfy_sage {
 
-// The last, partial wave of tiles split along the keys. Every tile (B · Hq · padded_q / 192 of them, row
+// The last, partial wave of tiles split along the keys. Every tile (B · Hq · padded_q / block_q of them, row
 // block fastest) is the same work without the causal mask, and one CTA fills an SM, so CTAs run in waves of
 // `sms`; when the last wave is short, its tiles run in `splits` parts of their K blocks each (CTAs
 // split_from, split_from + 1, ... take the parts of tile split_from, then the next tile, ...), the parts'
@@ -61,7 +62,7 @@ constexpr int kSm90MinBlocksPerPart = 2;  // each part still pays a CTA's start 
 constexpr double kSm90MinSplitGain = 0.08;
 
 inline Sm90Split sm90_split(const Shape& s, bool causal, int sms) {
-  const int64_t tiles = static_cast<int64_t>(s.padded_q / kSm90BlockQ) * s.heads_q * s.batch;
+  const int64_t tiles = static_cast<int64_t>(s.padded_q / sm90_block_q(s.padded_dim)) * s.heads_q * s.batch;
   const int k_blocks = (s.seq_kv + kSm90BlockK - 1) / kSm90BlockK;
   const int64_t tail = sms > 0 ? tiles % sms : 0;
   Sm90Split plan;
@@ -87,9 +88,11 @@ struct Sm90Params {
 
 template <int kDim>
 struct Sm90Traits {
-  static constexpr int kConsumers = 3;                    // consumer warpgroups
-  static constexpr int kWgRows = 64;                      // query rows per consumer
-  static constexpr int kBlockQ = kConsumers * kWgRows;   // = kSm90BlockQ
+  // Consumer warpgroups: as many as the register file holds (see kConsumerRegs); each one more per SM
+  // hides more of the others' latencies (docs/hopper-notes.md: h5, g6).
+  static constexpr int kConsumers = kDim == 64 ? 4 : 3;
+  static constexpr int kWgRows = 64;                     // query rows per consumer
+  static constexpr int kBlockQ = kConsumers * kWgRows;  // = sm90_block_q(kDim)
   static constexpr int kBlockK = kSm90BlockK;
   static constexpr int kThreads = (kConsumers + 1) * 128;
   static constexpr int kStages = 4;  // K/V blocks in flight
@@ -103,16 +106,17 @@ struct Sm90Traits {
       kQBytes + kStages * (kKBytes + kVBytes) + kConsumers * kPBytes + kBarrierBytes + 1024;
   static constexpr int kSTiles = kBlockK / 8;  // 8-column tiles of S per row
   static constexpr int kOTiles = kDim / 8;
-  // Three consumers fit the register file only without keeping two K blocks' accumulators live at once, so
-  // each consumer runs its block sequentially and the three interleave on the SM.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 160;
+  // The consumers fit the register file only without keeping two K blocks' accumulators live at once, so
+  // each consumer runs its block sequentially. At head dim 64 the fourth consumer's 112 registers spill a
+  // few values in the K loop, and still gain 4-6% (g6).
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kDim == 64 ? 112 : 160;
   // The consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a ring): each issues
   // one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then hands over and runs
-  // its softmax while the next consumer's matrices run. Left alone, the three drift into step and wait on
+  // its softmax while the next consumer's matrices run. Left alone, the consumers drift into step and wait on
   // the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7% at head dim 128; g5:
   // +5% at SDXL, where it replaced keeping the next block's Q·Kᵀ in flight).
   static constexpr int kRingBarrier = 1 + kConsumers;  // 1..kConsumers: each consumer's own P̃-tile barrier
-  static_assert(kBlockQ == kSm90BlockQ, "params.h and the traits must agree");
+  static_assert(kBlockQ == sm90_block_q(kDim), "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   // setmaxnreg moves registers within the CTA's allocation (kThreads × the launch count, which
   // __launch_bounds__(kThreads, 1) makes 65536 / kThreads rounded down to 8): asking for more than that
