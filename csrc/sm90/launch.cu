@@ -118,7 +118,8 @@ bool sm90_runs_on_current_device() {
 
 void sm90_split_buffers(const Shape& s, bool causal, int64_t* partial_floats, int* counters) {
   const Sm90Split plan = sm90_split(s, causal, sm_count());
-  *partial_floats = static_cast<int64_t>(plan.split_tiles) * plan.splits * sm90_block_q(s.padded_dim) * (s.padded_dim + 2);
+  *partial_floats =
+      static_cast<int64_t>(plan.split_tiles) * plan.splits * sm90_block_q(s.padded_dim) * (s.padded_dim + 2);
   *counters = plan.split_tiles * (sm90_block_q(s.padded_dim) / 64);  // one per tile and consumer warpgroup
 }
 
