@@ -12,10 +12,11 @@
 //       warp's 16) and one K scale (its columns 2t, 2t+1 of every 8; the quantization uses 128-key groups);
 //     masking (key padding, bottom-right causal; only in the blocks that need it), online softmax in base 2
 //       (softmax.cuh);
-//     O += P̃·V: P̃ in FP8 e4m3 written from the S registers into the consumer's shared-memory tile in the
-//       order of the A fragment (V's tokens are permuted by the quantization to match, as in the mma.sync
-//       kernel), then wgmma m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh
-//       accumulator added into fp32 O with the rescale in the same FFMA (two-level accumulation).
+//     O += P̃·V: P̃ in FP8 e4m3 packed from the S registers in the order of the A fragment (V's tokens are
+//       permuted by the quantization to match, as in the mma.sync kernel), written into the consumer's
+//       shared-memory tile or, at head dim 64 (Sm90Traits::kPRegs), kept in registers; then wgmma
+//       m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh accumulator added into
+//       fp32 O with the rescale in the same FFMA (two-level accumulation).
 //   Each consumer runs its blocks one after the other; the consumers interleave on the SM, one's
 //   exponentials while another's matmuls run, and take turns at the tensor cores in a fixed order so that
 //   they stay out of step. Three fit the register file at head dim 128 (160 registers each), four at 64
@@ -115,6 +116,10 @@ struct Sm90Traits {
   // its softmax while the next consumer's matrices run. Left alone, the consumers drift into step and wait on
   // the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7% at head dim 128; g5:
   // +5% at SDXL, where it replaced keeping the next block's Q·Kᵀ in flight).
+  // P̃ straight from registers as P̃·V's A operand instead of through shared memory: no stores, fence or
+  // barrier per block. At head dim 64 only (the registers are there), and only in the plain instantiation:
+  // the split one measured 11% slower with it (docs/hopper-notes.md, g10).
+  static constexpr bool kPRegs = kDim == 64;
   static constexpr int kRingBarrier = 1 + kConsumers;  // 1..kConsumers: each consumer's own P̃-tile barrier
   static_assert(kBlockQ == sm90_block_q(kDim), "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
@@ -267,6 +272,18 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   // A-fragment order (V's tokens are permuted to match): the 4 bytes a lane packs from tiles 4j + 2h, +1
   // go to chunk 2j + h, bytes 4t..4t+3. Each store instruction of a warp covers 32 distinct banks. The
   // tile is complete, and visible to the tensor cores, after the warpgroup's barrier that follows.
+  // P̃ of k step j as this lane's A-fragment words: pw[j][r] is the word store_p writes for (j, r).
+  auto pack_p = [&](const float (&sf)[Tr::kSTiles][4], uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+#pragma unroll
+    for (int j = 0; j < Tr::kBlockK / 32; ++j) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
+        pw[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                   (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+      }
+    }
+  };
   auto store_p = [&](const float (&sf)[Tr::kSTiles][4]) {
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
@@ -318,11 +335,24 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       fence_registers(acc);
       softmax_step(sf, acc, kb, k_scale, softmax, masked);
     }
-    store_p(sf);
     float blk[Tr::kOTiles * 4];
-    turn_wait();
-    issue_pv(blk, stage);
-    wgmma_wait<0>();
+    if constexpr (Tr::kPRegs && !kSplit) {
+      uint32_t pw[Tr::kBlockK / 32][4];
+      pack_p(sf, pw);
+      turn_wait();
+      const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < Tr::kBlockK / 32; ++j) wgmma_m64n64k32_e4m3_rs(blk, pw[j], desc_v + 2 * j, j);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_registers(pw);
+    } else {
+      store_p(sf);
+      turn_wait();
+      issue_pv(blk, stage);
+      wgmma_wait<0>();
+    }
     fence_registers(blk);
     if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
     add_block(blk);
