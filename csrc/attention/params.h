@@ -13,10 +13,12 @@ constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
 constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
-// The wgmma family's tile (comfy_sage/tiling.py SM90): three consumer warpgroups of 64 Q rows (warps of 16),
-// 128 keys a step; its K scales are per 128-key block.
-// The wgmma family's CTA: 64 query rows per consumer warpgroup, four of them at head dim 64, three at 128.
-constexpr int sm90_block_q(int padded_dim) { return padded_dim <= 64 ? 256 : 192; }
+// The wgmma family's tile (comfy_sage/tiling.py SM90): consumer warpgroups of 64 Q rows (warps of 16), four
+// at head dim 64 and three at 128 (sm90/attention_kernel.cuh says why); 128 keys a step, and its K scales
+// are per 128-key block.
+constexpr int kSm90WgRows = 64;
+constexpr int sm90_consumers(int padded_dim) { return padded_dim <= 64 ? 4 : 3; }
+constexpr int sm90_block_q(int padded_dim) { return sm90_consumers(padded_dim) * kSm90WgRows; }
 constexpr int kSm90BlockK = 128;
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };

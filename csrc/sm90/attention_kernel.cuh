@@ -91,9 +91,9 @@ template <int kDim>
 struct Sm90Traits {
   // Consumer warpgroups: as many as the register file holds (see kConsumerRegs); each one more per SM
   // hides more of the others' latencies (docs/hopper-notes.md: h5, g6).
-  static constexpr int kConsumers = kDim == 64 ? 4 : 3;
-  static constexpr int kWgRows = 64;                     // query rows per consumer
-  static constexpr int kBlockQ = kConsumers * kWgRows;  // = sm90_block_q(kDim)
+  static constexpr int kConsumers = sm90_consumers(kDim);
+  static constexpr int kWgRows = kSm90WgRows;  // query rows per consumer
+  static constexpr int kBlockQ = sm90_block_q(kDim);
   static constexpr int kBlockK = kSm90BlockK;
   static constexpr int kThreads = (kConsumers + 1) * 128;
   static constexpr int kStages = 4;  // K/V blocks in flight
@@ -111,17 +111,16 @@ struct Sm90Traits {
   // each consumer runs its block sequentially. At head dim 64 the fourth consumer's 112 registers spill a
   // few values in the K loop, and still gain 4-6% (g6).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kDim == 64 ? 112 : 160;
+  // P̃ straight from registers as P̃·V's A operand instead of through shared memory: no stores, fence or
+  // barrier per block. At head dim 64 only (the registers are there), and only in the plain instantiation:
+  // the split one measured 11% slower with it (docs/hopper-notes.md, g10).
+  static constexpr bool kPRegs = kDim == 64;
   // The consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a ring): each issues
   // one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then hands over and runs
   // its softmax while the next consumer's matrices run. Left alone, the consumers drift into step and wait on
   // the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7% at head dim 128; g5:
   // +5% at SDXL, where it replaced keeping the next block's Q·Kᵀ in flight).
-  // P̃ straight from registers as P̃·V's A operand instead of through shared memory: no stores, fence or
-  // barrier per block. At head dim 64 only (the registers are there), and only in the plain instantiation:
-  // the split one measured 11% slower with it (docs/hopper-notes.md, g10).
-  static constexpr bool kPRegs = kDim == 64;
   static constexpr int kRingBarrier = 1 + kConsumers;  // 1..kConsumers: each consumer's own P̃-tile barrier
-  static_assert(kBlockQ == sm90_block_q(kDim), "params.h and the traits must agree");
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   // setmaxnreg moves registers within the CTA's allocation (kThreads × the launch count, which
   // __launch_bounds__(kThreads, 1) makes 65536 / kThreads rounded down to 8): asking for more than that
@@ -379,11 +378,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   }
 
   // ---- epilogue ----
-  if constexpr (!kSplit) {
-    store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
-    return;
-  }
-  if (!split) {
+  if (!split) {  // always so without kSplit
     store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
     return;
   }

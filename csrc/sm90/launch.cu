@@ -120,7 +120,7 @@ void sm90_split_buffers(const Shape& s, bool causal, int64_t* partial_floats, in
   const Sm90Split plan = sm90_split(s, causal, sm_count());
   *partial_floats =
       static_cast<int64_t>(plan.split_tiles) * plan.splits * sm90_block_q(s.padded_dim) * (s.padded_dim + 2);
-  *counters = plan.split_tiles * (sm90_block_q(s.padded_dim) / 64);  // one per tile and consumer warpgroup
+  *counters = plan.split_tiles * sm90_consumers(s.padded_dim);  // one per tile and consumer warpgroup
 }
 
 cudaError_t run_sm90_attention(const AttentionArgs& a, cudaStream_t stream) {
