@@ -284,16 +284,15 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     }
   };
   auto store_p = [&](const float (&sf)[Tr::kSTiles][4]) {
+    uint32_t pw[Tr::kBlockK / 32][4];
+    pack_p(sf, pw);
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
-        const uint32_t word = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
-                              (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
         const int row = warp * 16 + g + 8 * (r & 1), chunk = (2 * j + (r >> 1)) ^ g;
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(s_p + row * Tr::kBlockK + chunk * 16 + 4 * t), "r"(word)
-                     : "memory");
+        const uint32_t addr = s_p + row * Tr::kBlockK + chunk * 16 + 4 * t;
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(pw[j][r]) : "memory");
       }
     }
     fence_proxy_async();             // the tensor cores read it through the async proxy
