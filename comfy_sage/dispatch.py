@@ -84,7 +84,7 @@ def native_mode(mode: Mode, cc: tuple[int, int]) -> tuple[Mode, str | None]:
         mode = mode.with_qk_bits(8)
         notes.append(f"INT4 tensor cores are emulated on {sm}, so INT8 Q·Kᵀ runs instead")
     if mode.pv_fp8 and cc < FP8_MIN_CC:
-        mode = mode.with_pv_fp8(False)
+        mode = mode.with_pv("fp16")
         notes.append(f"{sm} has no FP8 tensor cores, so P·V runs in FP16")
     return mode, "; ".join(notes) or None
 

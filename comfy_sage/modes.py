@@ -21,6 +21,7 @@ class Mode(str, enum.Enum):
     INT4_FP8 = "int4_fp8"
     INT8_FP16 = "int8_fp16"
     INT4_FP16 = "int4_fp16"
+    INT8_INT8 = "int8_int8"
     SDPA = "sdpa"
 
     def __str__(self) -> str:
@@ -51,20 +52,32 @@ class Mode(str, enum.Enum):
         return _QK_BITS[self]
 
     @property
+    def pv(self) -> str:
+        """What P̃·V runs in: "fp8" (e4m3), "fp16" or "int8" (exact integer accumulation); quantized modes only."""
+        return _PV[self]
+
+    @property
     def pv_fp8(self) -> bool:
-        """True where P̃·V runs in FP8 e4m3, False where it runs in FP16; only for quantized modes."""
-        return _PV_FP8[self]
+        """True where P̃·V runs in FP8 e4m3; only for quantized modes."""
+        return _PV[self] == "fp8"
 
     def with_qk_bits(self, bits: int) -> Mode:
         """The mode with the same P·V precision and Q·Kᵀ in `bits`."""
-        return next(m for m in QUANTIZED_MODES if m.qk_bits == bits and m.pv_fp8 == self.pv_fp8)
+        return _sibling(lambda m: m.qk_bits == bits and m.pv == self.pv)
 
-    def with_pv_fp8(self, fp8: bool) -> Mode:
-        """The mode with the same Q·Kᵀ precision and P·V in FP8 (True) or FP16 (False)."""
-        return next(m for m in QUANTIZED_MODES if m.qk_bits == self.qk_bits and m.pv_fp8 == fp8)
+    def with_pv(self, pv: str) -> Mode:
+        """The mode with the same Q·Kᵀ precision and P·V in `pv` ("fp8", "fp16" or "int8")."""
+        return _sibling(lambda m: m.qk_bits == self.qk_bits and m.pv == pv)
 
 
-QUANTIZED_MODES = (Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16)
-_QK_BITS = {Mode.INT8_FP8: 8, Mode.INT4_FP8: 4, Mode.INT8_FP16: 8, Mode.INT4_FP16: 4}
-_PV_FP8 = {Mode.INT8_FP8: True, Mode.INT4_FP8: True, Mode.INT8_FP16: False, Mode.INT4_FP16: False}
+def _sibling(wanted) -> Mode:
+    found = next((m for m in QUANTIZED_MODES if wanted(m)), None)
+    if found is None:  # INT4 Q·Kᵀ has no INT8 P·V mode
+        raise ValueError("no such quantized mode")
+    return found
+
+
+QUANTIZED_MODES = (Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16, Mode.INT8_INT8)
+_QK_BITS = {Mode.INT8_FP8: 8, Mode.INT4_FP8: 4, Mode.INT8_FP16: 8, Mode.INT4_FP16: 4, Mode.INT8_INT8: 8}
+_PV = {Mode.INT8_FP8: "fp8", Mode.INT4_FP8: "fp8", Mode.INT8_FP16: "fp16", Mode.INT4_FP16: "fp16", Mode.INT8_INT8: "int8"}
 _BY_VALUE = {m.value: m for m in Mode}  # "int8_fp8" -> Mode.INT8_FP8: what `Mode.parse` returns for that exact string

@@ -16,7 +16,7 @@ from comfy_sage import Mode, _log, capability, dispatch, sageattn
 from comfy_sage.capability import KernelStatus
 from comfy_sage.testing import make_qkv
 
-MODE_STRINGS = ["auto", "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "sdpa"]
+MODE_STRINGS = ["auto", "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "int8_int8", "sdpa"]
 
 
 def small(gen, **kwargs):
@@ -66,12 +66,18 @@ def test_unknown_mode(bad, gen):
 
 
 def test_mode_properties():
-    assert [m for m in Mode if m.is_quantized] == [Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16]
-    assert Mode.INT4_FP8.qk_bits == 4 and Mode.INT4_FP8.pv_fp8
-    assert Mode.INT8_FP16.qk_bits == 8 and not Mode.INT8_FP16.pv_fp8
+    assert [m for m in Mode if m.is_quantized] == [
+        Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16, Mode.INT8_INT8
+    ]  # fmt: skip
+    assert Mode.INT4_FP8.qk_bits == 4 and Mode.INT4_FP8.pv_fp8 and Mode.INT4_FP8.pv == "fp8"
+    assert Mode.INT8_FP16.qk_bits == 8 and not Mode.INT8_FP16.pv_fp8 and Mode.INT8_FP16.pv == "fp16"
+    assert Mode.INT8_INT8.qk_bits == 8 and not Mode.INT8_INT8.pv_fp8 and Mode.INT8_INT8.pv == "int8"
     assert Mode.INT4_FP8.with_qk_bits(8) is Mode.INT8_FP8
-    assert Mode.INT8_FP8.with_pv_fp8(False) is Mode.INT8_FP16
-    assert Mode.INT4_FP16.with_pv_fp8(True) is Mode.INT4_FP8
+    assert Mode.INT8_FP8.with_pv("fp16") is Mode.INT8_FP16
+    assert Mode.INT4_FP16.with_pv("fp8") is Mode.INT4_FP8
+    assert Mode.INT8_FP8.with_pv("int8") is Mode.INT8_INT8
+    with pytest.raises(ValueError, match="no such"):
+        Mode.INT8_INT8.with_qk_bits(4)
     with pytest.raises(KeyError):
         _ = Mode.SDPA.qk_bits
 

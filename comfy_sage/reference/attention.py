@@ -7,11 +7,15 @@ Pipeline (../shared/design/ALGORITHM.md):
    (`delta_s="exact"`), or from INT8 q̄ and K' as the mma.sync kernels compute it (`delta_s="int8"`).
 3. Q', K' to INT8/INT4 with per-thread groups (`quant.q_group_ids`, `quant.k_group_ids`); the softmax scale
    and log2(e) are folded into the Q scale.
-4. V per channel to FP8 e4m3 (optionally smoothed by its channel mean), or to FP16.
+4. V per channel to FP8 e4m3 or INT8 (optionally smoothed by its channel mean), or to FP16.
 5. Online softmax in base 2 over K blocks of `tiling.block_k` keys: P̃ = exp2(S − m + log2 448) in [0, 448]
-   (FP8) or exp2(S − m) in [0, 1] (FP16); the row sum uses the unquantized P̃.
-6. Two-level accumulation: each K block's P̂·V̂ in a fresh accumulator (optionally with the FP22 rounding
-   of the FP8 tensor cores, after every `tiling.pv_k` keys), added into a float32 O.
+   (FP8), exp2(S − m) in [0, 1] (FP16), or exp2(S − m + log2 p_max) rounded to integers in [0, p_max]
+   (INT8, `quant.int8_p_max`); the row sum uses the unquantized P̃.
+6. FP8 and FP16: two-level accumulation: each K block's P̂·V̂ in a fresh accumulator (optionally with the
+   FP22 rounding of the FP8 tensor cores, after every `tiling.pv_k` keys), added into a float32 O.
+   INT8: the row max m is kept an integer (rounded up), so the rescale exp2(m_old − m_new) is 2^-k and the
+   int32 accumulator of the whole row is shifted right by k (floor; k capped at 31) before each block's
+   exact integer P̂·V̂ is added: no float accumulator, no conversion per block.
 7. O / l · δV (+ v̄); causal masking is bottom-right aligned; rows that see no key give 0 (LSE −inf).
 
 Memory is bounded by the tile sizes: Q rows are processed in chunks whose S tile stays under
@@ -26,7 +30,7 @@ import math
 import torch
 
 from .._inputs import causal_visible, check_layout, check_qkv, check_sm_scale, from_hnd, to_hnd
-from ..modes import Mode
+from ..modes import QUANTIZED_MODES, Mode
 from ..tiling import SM80, Tiling
 from .quant import (
     FP8_MAX,
@@ -35,7 +39,10 @@ from .quant import (
     k_group_ids,
     q_group_ids,
     quantize_int,
+    int8_p_max,
     quantize_v_fp8,
+    quantize_v_int8,
+    round_p_int8,
     to_e4m3,
     truncate_fp22,
 )
@@ -67,7 +74,7 @@ def sageattn(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SageAttention2 as the kernels compute it; same conventions as `comfy_sage.sageattn`.
 
-    mode: one of "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16".
+    mode: one of "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "int8_int8".
     tiling: the tile shape of the kernel being checked (`comfy_sage.tiling.SM80` or `SM90`).
     smooth_q: Q smoothing with ΔS; None means on for INT4 modes, off for INT8 modes.
     granularity: "thread" (the kernels'), "block" or "tensor": which values share a Q/K scale.
@@ -79,7 +86,7 @@ def sageattn(
     mode = Mode.parse(mode)
     if not mode.is_quantized:
         raise ValueError(
-            f"mode must be a quantized mode (int8_fp8, int4_fp8, int8_fp16, int4_fp16); got {mode.value!r}"
+            "mode must be a quantized mode (" + ", ".join(m.value for m in QUANTIZED_MODES) + f"); got {mode.value!r}"
         )
     if not isinstance(tiling, Tiling):
         raise TypeError(f"tiling must be a comfy_sage.tiling.Tiling; got {type(tiling).__name__}")
@@ -117,7 +124,8 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
     b, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
     dev = q.device
-    fp8 = mode.pv_fp8
+    fp8, int8_pv = mode.pv == "fp8", mode.pv == "int8"
+    log2_p_max = math.log2(int8_p_max(nkv)) if int8_pv else LOG2_FP8_MAX if fp8 else 0.0  # P̃'s exponent offset
 
     # 1. K smoothing; the q·k̄ shift it removes from every logit of a row, for the LSE.
     k_mean = k.mean(2, keepdim=True) if smooth_k and nkv else None
@@ -149,6 +157,8 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
     vc = v - v_mean if v_mean is not None else v
     if fp8:
         v_hat, v_scale = quantize_v_fp8(vc)
+    elif int8_pv:
+        v_hat, v_scale = quantize_v_int8(vc)
     else:
         v_hat, v_scale = vc.to(torch.float16).to(torch.float32), None
     v_hat = v_hat[:, heads]
@@ -163,7 +173,7 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
         kv_end = min(nkv, r1 + nkv - nq) if causal else nkv
         m = torch.full((b, hq, r1 - r0), -math.inf, device=dev)
         l = torch.zeros(b, hq, r1 - r0, device=dev)  # noqa: E741 (the paper's name)
-        acc = torch.zeros(b, hq, r1 - r0, d, device=dev)
+        acc = torch.zeros(b, hq, r1 - r0, d, device=dev, dtype=torch.float64 if int8_pv else torch.float32)
         m_use = torch.zeros_like(m)
         qi, qs = q_int[:, :, r0:r1], q_scale[:, :, r0:r1, None]
         for c0 in range(0, max(kv_end, 0), tiling.block_k):
@@ -176,26 +186,28 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
             if causal:
                 visible = causal_visible(rows, torch.arange(c0, c1, device=dev), nq, nkv)
                 s = s.masked_fill(~visible, -math.inf)
-            m_new = torch.maximum(m, s.amax(-1))
+            block_max = s.amax(-1)
+            m_new = torch.maximum(m, torch.ceil(block_max) if int8_pv else block_max)
             m_use = torch.where(m_new == -math.inf, 0.0, m_new)  # rows that have seen no key yet
             alpha = torch.exp2(m - m_use)
-            if fp8:
-                p = torch.exp2(s - (m_use - LOG2_FP8_MAX)[..., None])
-                p_hat = to_e4m3(p)
-            else:
-                p = torch.exp2(s - m_use[..., None])
-                p_hat = p.to(torch.float16).to(torch.float32)
+            p = torch.exp2(s - (m_use - log2_p_max)[..., None])
             l = l * alpha + p.sum(-1)  # noqa: E741
-            acc = acc * alpha[..., None] + _block_pv(p_hat, v_hat[:, :, c0:c1], tiling.pv_k, fp8 and emulate_fp22)
+            if int8_pv:  # exact in float64: |acc| < 2^31
+                shift = (m_new - m).nan_to_num(31.0).clamp(max=31.0)  # m_old = -inf: acc is 0, any shift
+                p_hat = round_p_int8(p).double()
+                acc = torch.floor(acc * torch.exp2(-shift.double())[..., None]) + p_hat @ v_hat[:, :, c0:c1].double()
+            else:
+                p_hat = to_e4m3(p) if fp8 else p.to(torch.float16).to(torch.float32)
+                acc = acc * alpha[..., None] + _block_pv(p_hat, v_hat[:, :, c0:c1], tiling.pv_k, fp8 and emulate_fp22)
             m = m_new
         seen = l > 0
-        o = acc / torch.where(seen, l, 1.0)[..., None]
+        o = acc.float() / torch.where(seen, l, 1.0)[..., None]
         if v_scale is not None:
             o = o * v_scale[:, heads]
         if v_mean is not None:
             o = o + v_mean[:, heads]
         out[:, :, r0:r1] = torch.where(seen[..., None], o, 0.0)
-        log2_sum = m_use + torch.log2(torch.where(seen, l, 1.0)) - (LOG2_FP8_MAX if fp8 else 0.0)
+        log2_sum = m_use + torch.log2(torch.where(seen, l, 1.0)) - log2_p_max
         row_lse = log2_sum * LN2
         if k_mean is not None:
             row_lse = row_lse + (q[:, :, r0:r1] @ k_mean[:, heads].transpose(-1, -2))[..., 0] * (log2_scale * LN2)

@@ -7,7 +7,10 @@ Rules shared with the kernels (csrc/quant):
 - symmetric: scale = amax / qmax (qmax 127 for INT8, 7 for INT4), x_q = round_half_even(x · (qmax / amax)),
   clamped to ±qmax; a group whose amax is 0 gets scale 0 and all-zero values; a zero stays zero even where
   qmax / amax overflows to inf (amax below ~1e-36; 0 · inf would be NaN, and the kernels must not give NaN);
-- V in FP8 e4m3 per channel: scale = amax / 448, v̂ = e4m3_rn(clamp(v · (448 / amax), ±448)), zeros kept.
+- V in FP8 e4m3 per channel: scale = amax / 448, v̂ = e4m3_rn(clamp(v · (448 / amax), ±448)), zeros kept;
+- V in INT8 per channel (INT8 P·V): scale = amax / 127, v̂ = round_half_even(v · (127 / amax)), zeros kept;
+  P̃ in [0, p_max] to unsigned integers as the kernels round it: to float16 (nearest even), then to the
+  nearest even integer (`round_p_int8`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from ..tiling import COL_GROUPS, ROW_GROUPS, Tiling
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 INT_MAX = {8: 127, 4: 7}
-FP22_DROPPED_BITS = 10  # float32 keeps 23 mantissa bits; the FP8 mma accumulator keeps 13
+FP22_DROPPED_BITS = 10
+# INT8 P·V accumulates a whole row in int32: Σ_keys p̂·|v̂| ≤ p_max · 127 · N_kv must stay below 2^31 (less a
+# margin for the floor of each rescale), so P̃'s range p_max shrinks below 255 past 65,793 keys.
+INT8_P_MAX = 255
+INT8_PV_BUDGET = 2**31 - 2**24  # float32 keeps 23 mantissa bits; the FP8 mma accumulator keeps 13
 
 
 class Granularity(str, enum.Enum):
@@ -83,6 +90,23 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = v.abs().amax(-2, keepdim=True)
     inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax))
     return _keep_zeros(v, to_e4m3(v * inv)), amax / FP8_MAX
+
+
+def quantize_v_int8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel INT8 V: (integer values as float32 [B, H, N, D], scale [B, H, 1, D])."""
+    amax = v.abs().amax(-2, keepdim=True)
+    inv = torch.where(amax > 0, INT_MAX[8] / amax, torch.zeros_like(amax))
+    return _keep_zeros(v, torch.round(v * inv).clamp_(-INT_MAX[8], INT_MAX[8])), amax / INT_MAX[8]
+
+
+def int8_p_max(seq_kv: int) -> int:
+    """The largest P̃ value of INT8 P·V for `seq_kv` keys (csrc/attention/params.h int8_p_max)."""
+    return max(1, min(INT8_P_MAX, INT8_PV_BUDGET // (INT_MAX[8] * max(seq_kv, 1))))
+
+
+def round_p_int8(p: torch.Tensor) -> torch.Tensor:
+    """P̃ in [0, p_max] to integers as the kernels do: float16 (nearest even), then nearest even integer."""
+    return torch.round(p.to(torch.float16).to(torch.float32))
 
 
 def truncate_fp22(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from comfy_sage.reference import exact, quant
 from comfy_sage.testing import make_qkv
 from comfy_sage.tiling import SM80, SM90, Tiling
 
-MODES = ("int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16")
+MODES = ("int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "int8_int8")
 TILINGS = {"sm80": SM80, "sm90": SM90}
 HAS_CUDA = torch.cuda.is_available()
 
@@ -94,7 +94,8 @@ def biased_1024() -> Case:
 # Measured, normal (5 seeds): int8_fp8 0.99928-0.99930 / 0.037-0.038, int8_fp16 0.99994 / 0.0108-0.0110,
 # int4_fp8 0.9798-0.9804 / 0.199-0.202, int4_fp16 0.9805-0.9810 / 0.196-0.199. Biased (46 seeds): int8_fp8
 # 0.99931-0.99947 / 0.029-0.034, int8_fp16 0.99966-0.99981 / 0.014-0.020, int4 0.946-0.968 / 0.18-0.263
-# (its spread is wide: the log-normal token norms make some draws much harder for INT4).
+# (its spread is wide: the log-normal token norms make some draws much harder for INT4). int8_int8 (6 seeds):
+# normal 0.99974 / 0.0217-0.0220, biased 0.99961-0.99976 / 0.019-0.026.
 BOUNDS = {
     ("normal", "int8_fp8"): (0.9991, 0.041),
     ("normal", "int8_fp16"): (0.99990, 0.0125),
@@ -104,6 +105,8 @@ BOUNDS = {
     ("biased", "int8_fp16"): (0.9995, 0.024),
     ("biased", "int4_fp8"): (0.935, 0.29),
     ("biased", "int4_fp16"): (0.935, 0.29),
+    ("normal", "int8_int8"): (0.99965, 0.025),
+    ("biased", "int8_int8"): (0.9993, 0.032),
 }
 
 
@@ -158,11 +161,11 @@ def test_int4_needs_q_and_k_smoothing(mode: str, biased_1024: Case) -> None:
 def test_per_thread_beats_per_block_and_per_tensor(mode: str, biased_1024: Case) -> None:
     # Measured (N=1024, 40 seeds), per-thread / per-block of 1 − cos sim and of rel L1: INT8+FP8 ≤ 0.66 and
     # ≤ 0.81 (its FP8 P·V error is the same for both), INT8+FP16 ≤ 0.43 and ≤ 0.64, INT4 ≤ 0.33 and ≤ 0.52;
-    # per-block / per-tensor ≤ 0.75 and ≤ 0.87.
+    # per-block / per-tensor ≤ 0.75 and ≤ 0.87. INT8+INT8 (8 seeds): ≤ 0.47 and ≤ 0.72.
     r = run_variants(biased_1024, mode, {g: dict(granularity=g) for g in ("thread", "block", "tensor")})
     what = f"{mode} on {biased_1024}: {describe(r)}"
     err = {g: 1 - x["cos_sim"] for g, x in r.items()}
-    err_ratio, l1_ratio = {"int8_fp8": (0.8, 0.9), "int8_fp16": (0.6, 0.75)}.get(mode, (0.5, 0.65))
+    err_ratio, l1_ratio = {"int8_fp8": (0.8, 0.9), "int8_fp16": (0.6, 0.75), "int8_int8": (0.6, 0.8)}.get(mode, (0.5, 0.65))
     assert err["thread"] <= err_ratio * err["block"], what
     assert r["thread"]["rel_l1"] <= l1_ratio * r["block"]["rel_l1"], what
     assert err["block"] <= err["tensor"], what
@@ -190,12 +193,17 @@ def test_causal(mode: str, seq_q: int, seq_kv: int) -> None:
         assert torch.isfinite(lse[:, :, blind:]).all() and torch.isfinite(out).all(), what
         check_accuracy(out[:, :, blind:], truth[:, :, blind:], kind="normal", mode=mode, what=what)
         # With N_q ≥ N_kv the first row that sees anything sees key 0 only: its output is V[0], exact with
-        # FP16 V, within e4m3's rounding (2^-4 relative, 2^-9 of the channel's scale when subnormal) with FP8.
+        # FP16 V, within e4m3's rounding (2^-4 relative, 2^-9 of the channel's scale when subnormal) with FP8,
+        # within half an INT8 step of the channel plus P̃'s rounding with INT8 (P̃ ≥ p_max / 2 under the integer row
+        # max, so 2^-8 relative).
         if seq_kv > seq_q:
             continue
         first, v0 = out[:, :, blind].float(), v[:, :, 0].float()
         if mode.endswith("fp16"):
             assert torch.equal(first, v0), what
+        elif mode.endswith("int8"):
+            step = v.float().abs().amax(2) / 127
+            assert ((first - v0).abs() <= step * 0.51 + v0.abs() * 2**-8 * 1.01).all(), what
         else:
             channel_scale = v.float().abs().amax(2) / 448
             assert ((first - v0).abs() <= v0.abs() * (2**-4 + 2**-8) + channel_scale * 2**-9).all(), what
@@ -299,13 +307,33 @@ def test_fp22_accumulator() -> None:
         plain = reference.sageattn(q, k, v, mode=mode)
         fp22 = reference.sageattn(q, k, v, mode=mode, emulate_fp22=True)
         what = f"{mode} seed {seed}"
-        if mode.endswith("fp16"):  # FP22 is the FP8 tensor cores' accumulator: no effect on FP16 P·V
+        if not mode.endswith("fp8"):  # FP22 is the FP8 tensor cores' accumulator: no effect on FP16/INT8 P·V
             assert torch.equal(plain, fp22), what
             continue
         change = reference.relative_l1(fp22, plain)
         assert 0 < change < 2e-4, f"{what}: FP22 changes the output by {change:.2e} (rel L1)"
         a, b = reference.accuracy(plain, truth), reference.accuracy(fp22, truth)
         assert abs(a["cos_sim"] - b["cos_sim"]) < 1e-5 and abs(a["rel_l1"] - b["rel_l1"]) < 2e-4, f"{what}: {a} {b}"
+
+
+def test_int8_p_max_keeps_the_int32_accumulator_in_range() -> None:
+    assert quant.int8_p_max(0) == quant.int8_p_max(1) == quant.int8_p_max(65_793) == 255
+    assert quant.int8_p_max(65_794) == 254 and quant.int8_p_max(75_600) == 221  # Wan 14B 720p
+    for n in (1, 4096, 65_793, 75_600, 132_000, 10**6, 2**24):
+        p_max = quant.int8_p_max(n)
+        assert 1 <= p_max <= 255 and p_max * quant.INT_MAX[8] * n <= quant.INT8_PV_BUDGET < 2**31, n
+
+
+def test_int8_pv_worst_case_accumulator() -> None:
+    """Every key weighs the same and every V value is at its channel's maximum: the int32 row accumulator
+    reaches p_max · 127 · N_kv, its largest possible value, and the output is still exact."""
+    seq_kv, d = 75_600, 64
+    q = torch.zeros(1, 1, 16, d)
+    k = torch.randn(1, 1, seq_kv, d, generator=gen(fresh_seed()))
+    v = torch.full((1, 1, seq_kv, d), -3.0)
+    out, lse = reference.sageattn(q, k, v, mode="int8_int8", tiling=SM90, return_lse=True)
+    torch.testing.assert_close(out, torch.full_like(out, -3.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(seq_kv)), rtol=1e-6, atol=0)
 
 
 def integer_inputs(seed: int, bits: int, *, seq_q: int, seq_kv: int, block_q: int, q_offset: bool):
@@ -354,7 +382,7 @@ def test_lse_exact_when_logits_are(mode: str, smooth_q: bool, tiling: Tiling) ->
         assert err < 1e-4, f"{what}: max |LSE − float64| = {err:.2e}"
         # The output carries P's and V's rounding only.
         cos = reference.cosine_similarity(out, exact.attention(q, k, v, is_causal=causal, sm_scale=sm_scale))
-        assert cos > (0.9995 if mode.endswith("fp8") else 0.999999), f"{what}: cos sim {cos}"
+        assert cos > {"fp8": 0.9995, "int8": 0.9999}.get(mode[-4:].strip("_"), 0.999999), f"{what}: cos sim {cos}"
 
 
 @pytest.mark.parametrize("mode", MODES)
