@@ -90,12 +90,12 @@ def native_mode(mode: Mode, cc: tuple[int, int]) -> tuple[Mode, str | None]:
 
 
 FAMILIES = ("sm80", "sm90")
-SM90_MODES = frozenset({Mode.INT8_FP8})  # what the wgmma kernel computes
+SM90_MODES = frozenset({Mode.INT8_FP8, Mode.INT8_INT8})  # what the wgmma kernel computes
 SM90_MAX_HEAD_DIM = 128
 
 
 def wgmma_fits(cc: tuple[int, int], mode: Mode, head_dim: int) -> bool:
-    """Whether the wgmma (Hopper) kernel computes this call: sm_90, INT8+FP8, head dim up to 128."""
+    """Whether the wgmma (Hopper) kernel computes this call: sm_90, INT8+FP8 or INT8+INT8, head dim up to 128."""
     return cc == (9, 0) and mode in SM90_MODES and head_dim <= SM90_MAX_HEAD_DIM
 
 

@@ -79,5 +79,11 @@ def _sibling(wanted) -> Mode:
 
 QUANTIZED_MODES = (Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT4_FP16, Mode.INT8_INT8)
 _QK_BITS = {Mode.INT8_FP8: 8, Mode.INT4_FP8: 4, Mode.INT8_FP16: 8, Mode.INT4_FP16: 4, Mode.INT8_INT8: 8}
-_PV = {Mode.INT8_FP8: "fp8", Mode.INT4_FP8: "fp8", Mode.INT8_FP16: "fp16", Mode.INT4_FP16: "fp16", Mode.INT8_INT8: "int8"}
+_PV = {
+    Mode.INT8_FP8: "fp8",
+    Mode.INT4_FP8: "fp8",
+    Mode.INT8_FP16: "fp16",
+    Mode.INT4_FP16: "fp16",
+    Mode.INT8_INT8: "int8",
+}
 _BY_VALUE = {m.value: m for m in Mode}  # "int8_fp8" -> Mode.INT8_FP8: what `Mode.parse` returns for that exact string

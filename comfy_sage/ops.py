@@ -1,7 +1,8 @@
 """The compiled ops (`torch.ops.comfy_sage.*`): their fake kernels and the Python side of a kernel call.
 
-`comfy_sage::attention(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse, family) -> (out, lse)`
-runs kernel family `family` (80: mma.sync; 90: wgmma, INT8 Q·Kᵀ + FP8 P·V, head dim ≤ 128). It takes Q, K,
+`comfy_sage::attention(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family) -> (out, lse)`
+runs kernel family `family` (80: mma.sync; 90: wgmma, INT8 Q·Kᵀ + FP8 or INT8 P·V, head dim ≤ 128) with P·V in
+`pv` (`PV_CODES`). It takes Q, K,
 V in the caller's layout (layout 0 = HND, 1 = NHD), float16 or bfloat16, contiguous in head_dim with 16-byte
 aligned rows, and returns O in the same layout and dtype, and the LSE [B, H_q, N_q] float32 (an empty tensor
 when `return_lse` is False). It quantizes and attends on the current CUDA stream and never synchronizes. The
@@ -16,6 +17,7 @@ from .modes import Mode
 
 LAYOUT_CODES = {"HND": 0, "NHD": 1}
 FAMILY_CODES = {"sm80": 80, "sm90": 90}  # the op's `family`: mma.sync, wgmma
+PV_CODES = {"fp16": 0, "fp8": 1, "int8": 2}  # the op's `pv` (csrc/attention/params.h PvType)
 _ALIGN_ELEMENTS = 8  # 16 bytes of fp16/bf16
 
 
@@ -30,7 +32,7 @@ def register_fakes() -> None:
     _registered = True
 
     @torch.library.register_fake("comfy_sage::attention")
-    def _attention_fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse, family=80):
+    def _attention_fake(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family=80):
         return torch.empty_like(q), empty_lse(q, layout == LAYOUT_CODES["NHD"], return_lse)
 
 
@@ -74,7 +76,7 @@ def attention(
     if out_dtype == torch.float32:
         q, k, v = q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
     out, lse = torch.ops.comfy_sage.attention(
-        _aligned(q), _aligned(k), _aligned(v), LAYOUT_CODES[layout], mode.qk_bits, mode.pv_fp8, is_causal, scale,
+        _aligned(q), _aligned(k), _aligned(v), LAYOUT_CODES[layout], mode.qk_bits, PV_CODES[mode.pv], is_causal, scale,
         return_lse, FAMILY_CODES[family],
     )  # fmt: skip
     # The kernel's own tensor when the dtype matches (`out.to` would return it too, through the dispatcher).

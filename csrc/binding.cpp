@@ -66,14 +66,18 @@ void sm90_buffers(const Shape& s, bool causal, int64_t* partial_floats, int* cou
 }
 #endif
 
-std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, bool pv_fp8,
+std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, int64_t pv,
                                      bool is_causal, double sm_scale, bool return_lse, int64_t family) {
   STD_TORCH_CHECK(layout == kLayoutHND || layout == kLayoutNHD, "layout must be 0 (HND) or 1 (NHD)");
   STD_TORCH_CHECK(qk_bits == 8 || qk_bits == 4, "qk_bits must be 8 or 4");
+  STD_TORCH_CHECK(pv >= 0 && pv <= 2, "pv must be 0 (FP16), 1 (FP8) or 2 (INT8)");
+  const auto pv_type = static_cast<PvType>(pv);
+  STD_TORCH_CHECK(pv_type != PvType::kInt8 || qk_bits == 8, "INT8 P·V runs with INT8 Q·K^T only");
   STD_TORCH_CHECK(family == kFamilySm80 || family == kFamilySm90, "family must be 80 (mma.sync) or 90 (wgmma)");
   const bool sm90 = family == kFamilySm90;
   STD_TORCH_CHECK(!sm90 || kHaveSm90, "this build has no wgmma (sm_90a) kernels");
-  STD_TORCH_CHECK(!sm90 || (qk_bits == 8 && pv_fp8), "the wgmma kernels run INT8 Q·K^T with FP8 P·V only");
+  STD_TORCH_CHECK(!sm90 || (qk_bits == 8 && pv_type != PvType::kFp16),
+                  "the wgmma kernels run INT8 Q·K^T with FP8 or INT8 P·V only");
   const ScalarType dtype = q.scalar_type();
   STD_TORCH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16, "q must be float16 or bfloat16");
   const int64_t device = q.get_device_index();
@@ -85,6 +89,8 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   STD_TORCH_CHECK(dk.h == dv.h && dk.n == dv.n && dk.h > 0 && dq.h % dk.h == 0, "k, v heads/tokens disagree");
   STD_TORCH_CHECK(dq.d % 8 == 0 && dq.d <= 256, "head_dim must be a multiple of 8, at most 256");
   STD_TORCH_CHECK(!sm90 || dq.d <= 128, "the wgmma kernels take head_dim up to 128");
+  STD_TORCH_CHECK(pv_type != PvType::kInt8 || dk.n <= kInt8PvMaxKeys,
+                  "INT8 P·V takes at most ", kInt8PvMaxKeys, " keys (its int32 accumulator); use FP8 or FP16 P·V");
 
   torch::stable::accelerator::DeviceGuard guard(device);
   void* stream_ptr = nullptr;
@@ -119,7 +125,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
       bkv * s.padded_kv * s.padded_dim * qk_bits / 8,       // k
       bkv * k_blocks * 4 * 4,                               // k_scale
       (bkv * s.padded_dim * 2 + split_counters) * 4,        // k_sum, v_amax, split counters (one memset)
-      bkv * s.padded_kv * s.padded_dim * (pv_fp8 ? 1 : 2),  // v
+      bkv * s.padded_kv * s.padded_dim * (pv_type == PvType::kFp16 ? 2 : 1),  // v
       return_lse ? bq * dq.n * 4 : 0,                       // q·k̄
       int4 ? bkv * s.padded_kv * s.padded_dim : 0,          // k8
       int4 ? bkv * k_blocks * 4 * 4 : 0,                    // k8_scale
@@ -160,7 +166,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.sm_scale = static_cast<float>(sm_scale);
   a.causal = is_causal;
   a.qk_bits = static_cast<int>(qk_bits);
-  a.pv_fp8 = pv_fp8;
+  a.pv = pv_type;
 
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
   const cudaError_t err = sm90 ? run_sm90(a, stream) : run_sm80_attention(a, stream);
@@ -178,7 +184,7 @@ bool runs_on(int64_t device, int64_t family) {
 
 STABLE_TORCH_LIBRARY(comfy_sage, m) {
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, bool pv_fp8, bool is_causal, "
+      "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, int pv, bool is_causal, "
       "float sm_scale, bool return_lse, int family=80) -> (Tensor, Tensor)");
   m.def("runs_on(int device, int family=80) -> bool");
 }

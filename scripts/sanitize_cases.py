@@ -11,25 +11,26 @@ import sys
 import torch
 
 import comfy_sage.api  # noqa: F401  (loads the ops)
-from comfy_sage import capability
+from comfy_sage import capability, ops
 from comfy_sage.testing import make_qkv
 
 assert capability.kernel_status().loaded, capability.kernel_status().reason
 only_sm90 = "--family" in sys.argv and sys.argv[sys.argv.index("--family") + 1] == "sm90"
 cases = []
 if not only_sm90:
-    cases += [(80, *c) for c in itertools.product((8, 4), (64, 128, 256), (True, False))]
+    variants = itertools.product((8, 4), (64, 128, 256), ("fp8", "fp16", "int8"))
+    cases += [(80, bits, d, pv) for bits, d, pv in variants if bits == 8 or pv != "int8"]  # INT8 P·V: INT8 Q·Kᵀ
 if capability.kernels_run_on(torch.device("cuda"), "sm90"):
-    cases += [(90, 8, d, True) for d in (64, 128)]
+    cases += [(90, 8, d, pv) for d in (64, 128) for pv in ("fp8", "int8")]
 ran = 0
 dtypes = (torch.float16, torch.bfloat16)
-for (family, bits, d, pv_fp8), dtype, causal in itertools.product(cases, dtypes, (False, True)):
+for (family, bits, d, pv), dtype, causal in itertools.product(cases, dtypes, (False, True)):
     # The wgmma kernel gets more K blocks (700 keys: 6 of 128) than its 4-stage ring holds, so stage reuse
     # is under the sanitizers too.
     seq_kv = 700 if family == 90 else (70 if causal else 200)
     q, k, v = make_qkv(1, 4, 130, d, heads_kv=2, seq_kv=seq_kv, dtype=dtype, device="cuda")
-    out, lse = torch.ops.comfy_sage.attention(q, k, v, 0, bits, pv_fp8, causal, d**-0.5, True, family)
+    out, lse = torch.ops.comfy_sage.attention(q, k, v, 0, bits, ops.PV_CODES[pv], causal, d**-0.5, True, family)
     torch.cuda.synchronize()
-    assert torch.isfinite(out).all(), (family, bits, d, pv_fp8, dtype, causal)
+    assert torch.isfinite(out).all(), (family, bits, d, pv, dtype, causal)
     ran += 1
 print(f"sanitize cases ran: {ran} variants")

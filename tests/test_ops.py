@@ -16,10 +16,8 @@ from comfy_sage.modes import QUANTIZED_MODES, Mode
 def recorded(monkeypatch):
     calls = []
 
-    def fake(q, k, v, layout, qk_bits, pv_fp8, is_causal, sm_scale, return_lse, family):
-        calls.append(
-            dict(q=q, layout=layout, qk_bits=qk_bits, pv_fp8=pv_fp8, causal=is_causal, scale=sm_scale, family=family)
-        )
+    def fake(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family):
+        calls.append(dict(q=q, layout=layout, qk_bits=qk_bits, pv=pv, causal=is_causal, scale=sm_scale, family=family))
         return torch.zeros_like(q), q.new_zeros((0,), dtype=torch.float32)
 
     monkeypatch.setattr(torch.ops.comfy_sage, "attention", fake, raising=False)
@@ -32,7 +30,7 @@ def test_mode_and_layout_reach_the_op(recorded, mode: Mode, layout: str):
     q = k = v = torch.randn(1, 8, 2, 64, dtype=torch.float16)
     out, lse = ops.attention(q, k, v, layout, mode, is_causal=True, scale=0.1, return_lse=False)
     (call,) = recorded
-    assert (call["qk_bits"], call["pv_fp8"]) == (mode.qk_bits, mode.pv_fp8)
+    assert (call["qk_bits"], call["pv"]) == (mode.qk_bits, {"fp16": 0, "fp8": 1, "int8": 2}[mode.pv])
     assert call["layout"] == ops.LAYOUT_CODES[layout] and call["causal"] is True and call["scale"] == 0.1
     assert call["family"] == 80  # the mma.sync family unless told otherwise
     assert out.dtype == torch.float16 and lse is None

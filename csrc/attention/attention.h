@@ -14,7 +14,7 @@ cudaError_t run_sm80_attention(const AttentionArgs& args, cudaStream_t stream);
 bool sm80_runs_on_current_device();
 
 // The wgmma family (sm_90a; absent from builds without it, where COMFY_SAGE_NO_SM90 is defined):
-// INT8 Q·Kᵀ, FP8 P·V, head dims 64 and 128; AttentionArgs::shape.block_k must be kSm90BlockK.
+// INT8 Q·Kᵀ, FP8 or INT8 P·V, head dims 64 and 128; AttentionArgs::shape.block_k must be kSm90BlockK.
 cudaError_t run_sm90_attention(const AttentionArgs& args, cudaStream_t stream);
 bool sm90_runs_on_current_device();
 // The sizes of AttentionArgs::split_partials (floats) and split_counters the wgmma kernel needs for a call

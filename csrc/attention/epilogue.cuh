@@ -1,4 +1,4 @@
-// The epilogue both kernel families share: O / l (· δV per channel for FP8 P·V) into the caller's output,
+// The epilogue both kernel families share: O / l (· δV per channel for FP8 and INT8 P·V) into the caller's output,
 // rows that saw no key written as 0, and the optional LSE. A lane holds rows `row0` and `row0 + 8` and, of
 // every 8-column tile of O, columns 2t and 2t+1 (the m16n8 and wgmma m64nN accumulator layouts alike).
 #pragma once
@@ -33,8 +33,8 @@ __device__ __forceinline__ void quad_transpose(uint32_t (&w)[4], int t) {
 }
 
 // `softmax.l` must hold whole-row sums (OnlineSoftmax::reduce_sums done); store_rows below does that first.
-template <bool kPvFp8, int kTiles, int kOTiles>
-__device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineSoftmax<kTiles>& softmax,
+template <PvType kPv, int kTiles, bool kIntMax, int kOTiles>
+__device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineSoftmax<kTiles, kIntMax>& softmax,
                                            const float (&o)[kOTiles][4], int row0, int b, int hq, int bhq,
                                            int bhkv, int t, float exp_offset) {
   const Shape& s = a.shape;
@@ -55,14 +55,15 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineS
   for (int n = 0; n < kOTiles; ++n) {
     const int col = n * 8 + 2 * t;
     float scale0 = 1.f, scale1 = 1.f;
-    if constexpr (kPvFp8) {
-      scale0 = __ldg(v_amax + col) * (1.f / kFp8Max);
-      scale1 = __ldg(v_amax + col + 1) * (1.f / kFp8Max);
+    if constexpr (kPv != PvType::kFp16) {
+      constexpr float kInvVMax = 1.f / (kPv == PvType::kInt8 ? kInt8Max : kFp8Max);
+      scale0 = __ldg(v_amax + col) * kInvVMax;
+      scale1 = __ldg(v_amax + col + 1) * kInvVMax;
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float x0 = o[n][2 * half] * inv_l[half], x1 = o[n][2 * half + 1] * inv_l[half];
-      if constexpr (kPvFp8) {
+      if constexpr (kPv != PvType::kFp16) {
         x0 *= scale0;
         x1 *= scale1;
       }
@@ -99,12 +100,12 @@ __device__ __forceinline__ void write_rows(const AttentionArgs& a, const OnlineS
   }
 }
 
-template <bool kPvFp8, int kTiles, int kOTiles>
-__device__ __forceinline__ void store_rows(const AttentionArgs& a, OnlineSoftmax<kTiles>& softmax,
+template <PvType kPv, int kTiles, bool kIntMax, int kOTiles>
+__device__ __forceinline__ void store_rows(const AttentionArgs& a, OnlineSoftmax<kTiles, kIntMax>& softmax,
                                            const float (&o)[kOTiles][4], int row0, int b, int hq, int bhq,
                                            int bhkv, int t, float exp_offset) {
   softmax.reduce_sums();
-  write_rows<kPvFp8>(a, softmax, o, row0, b, hq, bhq, bhkv, t, exp_offset);
+  write_rows<kPv>(a, softmax, o, row0, b, hq, bhq, bhkv, t, exp_offset);
 }
 
 }  // namespace comfy_sage

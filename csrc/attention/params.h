@@ -23,6 +23,20 @@ constexpr int kSm90BlockK = 128;
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// What P̃·V runs in (the op's `pv` argument; comfy_sage/ops.py PV_CODES): FP16 with fp32 accumulation, FP8
+// e4m3 with two-level accumulation, or INT8 (P̃ unsigned, V signed) accumulated exactly in int32.
+enum class PvType : int { kFp16 = 0, kFp8 = 1, kInt8 = 2 };
+
+// INT8 P·V accumulates a whole row in int32, so Σ_keys p̂ · |v̂| ≤ p_max · 127 · seq_kv must stay below 2^31
+// (less a margin for the floor of each rescale): P̃'s largest value p_max is 255 up to 65,793 keys and shrinks
+// past them (comfy_sage/reference/quant.py int8_p_max, the same rule).
+constexpr int64_t kInt8PvBudget = (int64_t{1} << 31) - (int64_t{1} << 24);
+constexpr int64_t kInt8PvMaxKeys = kInt8PvBudget / 127;  // p_max ≥ 1
+constexpr int int8_p_max(int seq_kv) {
+  const int64_t p = kInt8PvBudget / (127 * static_cast<int64_t>(seq_kv > 1 ? seq_kv : 1));
+  return p > 255 ? 255 : p < 1 ? 1 : static_cast<int>(p);
+}
+
 // The caller's Q, K, V and output: [batch, heads, tokens, head_dim] addressed through strides, so the
 // HND and NHD layouts are the same code. The head_dim stride is 1.
 struct TensorView {
@@ -49,9 +63,9 @@ struct QuantBuffers {
   int8_t* q_mean;        // [B, Hq, padded_q / block_q, padded_dim]
   float* q_mean_scale;   // [B, Hq, padded_q / block_q]  (sm_scale·log2 e folded in)
   float* k_sum;     // [B, Hkv, padded_dim]  (Σ over tokens; the mean is k_sum / seq_kv)
-  void* v;          // FP8: [B, Hkv, padded_dim, padded_kv] e4m3, tokens permuted in groups of 16;
+  void* v;          // FP8 / INT8: [B, Hkv, padded_dim, padded_kv] e4m3 / int8, tokens permuted in groups of 16;
                     // FP16: [B, Hkv, padded_kv, padded_dim] half
-  float* v_amax;    // [B, Hkv, padded_dim] right after k_sum  (FP8 only; float bits reduced with atomicMax);
+  float* v_amax;    // [B, Hkv, padded_dim] right after k_sum  (FP8 and INT8 only; float bits reduced with atomicMax);
                     // AttentionArgs::split_counters follow it
   float* q_dot_kmean;  // [B, Hq, seq_q] q·k̄ for the LSE, or null
 };
@@ -65,7 +79,7 @@ struct AttentionArgs {
   float sm_scale;
   bool causal;
   int qk_bits;  // 8 or 4
-  bool pv_fp8;
+  PvType pv;
   // The wgmma kernel's split tiles (Sm90Split): their partial results, and one arrival counter per tile and
   // consumer, zeroed by the quantization's memset (they follow v_amax). Null / 0 without split tiles.
   float* split_partials;

@@ -12,13 +12,17 @@
 
 namespace comfy_sage {
 
-template <int kTiles>
+// kIntegerMax (INT8 P·V): the running max is rounded up to an integer, so that alpha is 2^-shift and the
+// int32 O accumulator rescales by an arithmetic right shift (the reference's floor; shift capped at 31, which
+// leaves 0 or -1 of any |O| < 2^31, as does the floor of O · 2^-k for every k ≥ 31).
+template <int kTiles, bool kIntegerMax = false>
 struct OnlineSoftmax {
   static constexpr int kWays = kTiles >= 2 ? 2 : kTiles;  // independent chains in the row max and sum
 
   float m[2] = {-kInf, -kInf};  // running row max (log2 domain)
   float l[2] = {0.f, 0.f};                      // running row sum of P̃, this lane's keys only
   float alpha[2] = {1.f, 1.f};                  // the last step's rescale factor exp2(m_old − m_new)
+  int shift[2] = {0, 0};                        // kIntegerMax: the last step's m_new − m_old, at most 31
 
   // Turns one K block's unscaled scores `s` (the log2-domain score is s·scale, scale > 0) into P̃ in place,
   // rescales `o` by alpha = exp2(m_old − m_new) and adds the block's row sums. `offset` is added to every exponent
@@ -49,14 +53,19 @@ struct OnlineSoftmax {
         part[n % kWays] = fmaxf(part[n % kWays], fmaxf(s[n][2 * half], s[n][2 * half + 1]));
       }
       float mx = combine_max(part);
-      mx *= scale;  // each lane of the quad has its own K scale: compare scaled values across lanes
+      // Each lane of the quad has its own K scale: compare scaled values across lanes. kIntegerMax rounds
+      // up here and in `base` below, so that no exponent exceeds `offset` even where the logits are so large
+      // that a float's step is above 1: P̃ must stay within the byte INT8 P·V packs it into.
+      mx = kIntegerMax ? __fmul_ru(mx, scale) : mx * scale;
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[half], mx);
+      const float m_new = fmaxf(m[half], kIntegerMax ? ceilf(mx) : mx);
       const float m_use = m_new == -kInf ? 0.f : m_new;
       const float alpha = fast_exp2(m[half] - m_use);
       this->alpha[half] = alpha;
-      const float base = m_use - offset;
+      // fminf returns 31 for NaN too (m_old = m_new = -inf); m_old = -inf gives +inf: O is still 0 there.
+      if constexpr (kIntegerMax) shift[half] = static_cast<int>(fminf(m_new - m[half], 31.f));
+      const float base = kIntegerMax ? __fsub_ru(m_use, offset) : m_use - offset;
 #pragma unroll
       for (int w = 0; w < kWays; ++w) part[w] = 0.f;
 #pragma unroll

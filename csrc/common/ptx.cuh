@@ -50,6 +50,14 @@ __device__ __forceinline__ void mma_s8(int32_t (&d)[4], const uint32_t (&a)[4], 
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// INT8 P̃·V: A unsigned (P̃ in [0, 255]), B signed.
+__device__ __forceinline__ void mma_u8s8(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 __device__ __forceinline__ void mma_s4(int32_t (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -91,6 +99,15 @@ __device__ __forceinline__ uint16_t pack_e4m3x2(float lo, float hi) {
 __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Four floats in [0, 255] to unsigned bytes x0 (bits 0-7) .. x3, rounded as the reference does: to fp16
+// (nearest even), then + 1024 in fp16, which rounds to an integer (fp16's step is 1 in [1024, 2048)) and
+// leaves it in the low byte; one byte permute gathers the four. 5 instructions per 4 values.
+__device__ __forceinline__ uint32_t pack_u8x4(float x0, float x1, float x2, float x3) {
+  const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));  // 1024, 1024
+  const __half2 lo = __hadd2(__floats2half2_rn(x0, x1), magic), hi = __hadd2(__floats2half2_rn(x2, x3), magic);
+  return __byte_perm(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi), 0x6420);
 }
 
 // 2^x on the special-function unit (flushes denormal results to zero, exact 0 for -inf).

@@ -1,9 +1,9 @@
 // Fused quantization of Q, K and V for the attention kernels: one read of each input.
 //
-//   1. kv_stats:  Σ_tokens K per channel (K smoothing's mean) and, for FP8 P·V, max_tokens |V| per channel.
+//   1. kv_stats:  Σ_tokens K per channel (K smoothing's mean) and, for FP8/INT8 P·V, max_tokens |V| per channel.
 //   2. quant_kv:  per K block of kBlockK tokens: K' = K − k̄ to INT8 with one scale per token group
-//                 {t : (t mod 8) / 2 = j} (4 per block); V to FP8 e4m3 per channel, written transposed
-//                 (token index contiguous) with the tokens of each 16-group permuted (see "The FP8 V layout"), or
+//                 {t : (t mod 8) / 2 = j} (4 per block); V to FP8 e4m3 or INT8 per channel, written transposed
+//                 (token index contiguous) with the tokens of each 16-group permuted (see "The 8-bit V layout"), or
 //                 V to FP16 row-major. Padded tokens and channels are written as zeros.
 //                 (kBlockK is the attention kernel's K block: 64 for mma.sync, 128 for wgmma.)
 //   3. quant_q:   per warp slice of kWarpQ rows: Q to INT8 with one scale per row group {r : r mod 8 = g},
@@ -56,7 +56,7 @@ constexpr float qmax() {
   return kBits == 8 ? kInt8Max : kInt4Max;
 }
 
-// The FP8 V layout: within each group of 16 tokens, position 4q + k (k = 0..3) holds token 2q, 2q+1, 8+2q,
+// The 8-bit V layout (FP8 and INT8 alike): within each group of 16 tokens, position 4q + k (k = 0..3) holds token 2q, 2q+1, 8+2q,
 // 9+2q. The 8-bit A fragment of lane (g, t) covers k = 4t..4t+3 (and 16 + that); the S accumulator it comes
 // from holds keys 2t, 2t+1, 8+2t, 9+2t of each 16. So those registers are the A operand as they are, with
 // no shuffles (mma.sync m16n8k32 and wgmma m64nNk32 alike).
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
       const uint4 k0 = *reinterpret_cast<const uint4*>(kp + t * a.k.token_stride);
       const uint4 k1 = second ? *reinterpret_cast<const uint4*>(kp + t2 * a.k.token_stride) : kZero16;
       uint4 v0 = kZero16, v1 = kZero16;
-      if (a.pv_fp8) {
+      if (a.pv != PvType::kFp16) {
         v0 = *reinterpret_cast<const uint4*>(vp + t * a.v.token_stride);
         if (second) v1 = *reinterpret_cast<const uint4*>(vp + t2 * a.v.token_stride);
       }
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
       mx = fmaxf(mx, v_flat[lt * s.head_dim + c]);
     }
     atomicAdd(&a.buf.k_sum[bh * s.padded_dim + c], sum);
-    if (a.pv_fp8) atomic_max_nonneg(&a.buf.v_amax[bh * s.padded_dim + c], mx);
+    if (a.pv != PvType::kFp16) atomic_max_nonneg(&a.buf.v_amax[bh * s.padded_dim + c], mx);
   }
 }
 
@@ -196,12 +196,13 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
   }
 
   const T* v_head = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride;
-  if (a.pv_fp8) {
-    // FP8 V^T, per channel, tokens permuted in groups of 16 (the FP8 V layout): the 4 bytes at positions
+  if (a.pv != PvType::kFp16) {
+    // FP8 / INT8 V^T, per channel, tokens permuted in groups of 16 (the 8-bit V layout): the 4 bytes at positions
     // 4q..4q+3 of a group hold tokens 2q, 2q+1, 8+2q, 9+2q. One item = those 4 tokens × 8 channels, written
     // as 8 words; a warp's 32 items (q, group) of one channel vector store 128 contiguous bytes per channel.
     constexpr int kGroups = kBlockK / 16, kItems = kBlockK / 4 * kVecs;
     const float* v_amax = a.buf.v_amax + bh * s.padded_dim;
+    const bool int8 = a.pv == PvType::kInt8;
     for (int item = threadIdx.x; item < kItems; item += kThreads) {
       const int q = item % 4, grp = (item / 4) % kGroups, cv = item / (4 * kGroups), c = cv * 8;
       const int toks[4] = {2 * q, 2 * q + 1, 8 + 2 * q, 9 + 2 * q};
@@ -220,9 +221,16 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
                      16 * grp + 4 * q;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        const float inv = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, kFp8Max);
-        const uint32_t word = pack_e4m3x2(y[0][e] * inv, y[1][e] * inv) |
-                              (static_cast<uint32_t>(pack_e4m3x2(y[2][e] * inv, y[3][e] * inv)) << 16);
+        const float inv = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, int8 ? kInt8Max : kFp8Max);
+        uint32_t word;
+        if (int8) {
+          word = 0u;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) word |= static_cast<uint32_t>(quantize<127>(y[k][e], inv) & 0xff) << (8 * k);
+        } else {
+          word = pack_e4m3x2(y[0][e] * inv, y[1][e] * inv) |
+                 (static_cast<uint32_t>(pack_e4m3x2(y[2][e] * inv, y[3][e] * inv)) << 16);
+        }
         *reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(e) * s.padded_kv) = word;
       }
     }

@@ -7,9 +7,10 @@
 //   each n-tile); INT4 adds Q smoothing's ΔS = q̄·K'ᵀ (one row per CTA, see below);
 //   masking (key padding, bottom-right causal), online softmax in base 2 (softmax.cuh);
 //   O += P̃·V: FP8 (m16n8k32, P̃ packed straight from the S registers thanks to V's token permutation, each
-//   block's product in a fresh accumulator added into fp32: the two-level accumulation) or FP16
-//   (m16n8k16, fp32 accumulate).
-// Epilogue: O / l (· δV per channel for FP8), rows that saw no key written as 0, optional LSE.
+//   block's product in a fresh accumulator added into fp32: the two-level accumulation), INT8 (m16n8k32
+//   u8·s8, the same packing and V layout, accumulated exactly in int32 across blocks: the integer row max
+//   makes each rescale a right shift, softmax.cuh) or FP16 (m16n8k16, fp32 accumulate).
+// Epilogue: O / l (· δV per channel for FP8 and INT8), rows that saw no key written as 0, optional LSE.
 //
 // Shared memory rows are padded by 16 bytes so the 8 row addresses of every ldmatrix hit distinct banks.
 //
@@ -32,7 +33,7 @@
 
 namespace comfy_sage {
 
-template <int kQkBits, int kDim, bool kPvFp8>
+template <int kQkBits, int kDim, PvType kPv>
 struct Sm80Traits {
   // Head dim 256 halves the Q block (4 warps) so the tiles still fit 99 KB of shared memory.
   static constexpr int kBlockQ = sm80_block_q(kDim);
@@ -44,12 +45,13 @@ struct Sm80Traits {
   static constexpr int kQkRow = kQkBytes + kPad;                           // bytes per Q/K smem row
   static constexpr bool kSmoothQ = kQkBits == 4;                           // INT4 needs Q smoothing
   static constexpr int kK8Row = kDim + kPad;                               // INT8 K' row (ΔS), INT4 only
-  static constexpr int kVRow = kPvFp8 ? kBlockK + kPad : 2 * kDim + kPad;  // FP8: a channel; FP16: a token
-  static constexpr int kVRows = kPvFp8 ? kDim : kBlockK;
+  static constexpr bool kV8 = kPv != PvType::kFp16;                      // 8-bit V^T (FP8 or INT8)
+  static constexpr int kVRow = kV8 ? kBlockK + kPad : 2 * kDim + kPad;     // 8-bit: a channel; FP16: a token
+  static constexpr int kVRows = kV8 ? kDim : kBlockK;
   static constexpr int kQBytes = kBlockQ * kQkRow;
   static constexpr int kKBytes = kBlockK * kQkRow + (kSmoothQ ? kBlockK * kK8Row : 0);
   static constexpr int kVBytes = kVRows * kVRow;
-  // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256 but INT8 + FP8 P·V) one stage.
+  // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256 but INT8 + 8-bit P·V) one stage.
   static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes) + kBlockK * 4 <= 99 * 1024 ? 2 : 1;
   static constexpr int kDeltaBytes = kSmoothQ ? kBlockK * 4 : 0;  // ΔS of the current K block
   // Head dim 256: a lane's 128 fp32 O accumulators leave too few of the 255 registers for the rest (ptxas
@@ -112,9 +114,10 @@ __device__ __forceinline__ void load_tile(uint8_t* dst, const uint8_t* src, int6
   }
 }
 
-template <int kQkBits, int kDim, bool kPvFp8>
-__global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_attention_kernel(const AttentionArgs a) {
-  using Tr = Sm80Traits<kQkBits, kDim, kPvFp8>;
+template <int kQkBits, int kDim, PvType kPv>
+__global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_attention_kernel(const AttentionArgs a) {
+  using Tr = Sm80Traits<kQkBits, kDim, kPv>;
+  constexpr bool kIntPv = kPv == PvType::kInt8;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* s_q = smem;
   auto s_k = [&](int stage) { return smem + Tr::kQBytes + stage * Tr::kKBytes; };
@@ -140,7 +143,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   const int8_t* gk = a.buf.k + static_cast<int64_t>(bhkv) * s.padded_kv * Tr::kQkBytes;
   const int8_t* gk8 = a.buf.k8 + static_cast<int64_t>(bhkv) * s.padded_kv * kDim;  // INT4 only
   const uint8_t* gv = static_cast<const uint8_t*>(a.buf.v) +
-                      static_cast<int64_t>(bhkv) * s.padded_kv * kDim * (kPvFp8 ? 1 : 2);
+                      static_cast<int64_t>(bhkv) * s.padded_kv * kDim * (Tr::kV8 ? 1 : 2);
 
   // ---- loads ----
   auto load_kv = [&](int kb, int stage) {
@@ -150,7 +153,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
       load_tile<Tr::kBlockK, kDim, Tr::kK8Row, Tr::kThreads, Tr::kLeanLoads>(
           s_k8(stage), reinterpret_cast<const uint8_t*>(gk8) + kb * Tr::kBlockK * kDim, kDim);
     }
-    if constexpr (kPvFp8) {  // V^T: kDim channel rows of kBlockK bytes, row stride padded_kv
+    if constexpr (Tr::kV8) {  // V^T: kDim channel rows of kBlockK bytes, row stride padded_kv
       load_tile<kDim, Tr::kBlockK, Tr::kVRow, Tr::kThreads, Tr::kLeanLoads>(s_v(stage), gv + kb * Tr::kBlockK,
                                                                              s.padded_kv);
     } else {  // V: kBlockK token rows of 2·kDim bytes
@@ -188,8 +191,11 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   const float* k8_scales = a.buf.k8_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
 
   float o[Tr::kOTiles][4] = {};
-  OnlineSoftmax<Tr::kSTiles> softmax;
-  constexpr float kExpOffset = kPvFp8 ? kLog2Fp8Max : 0.f;
+  int32_t oi[kIntPv ? Tr::kOTiles : 1][4] = {};  // INT8 P·V: the exact int32 O, whole rows
+  OnlineSoftmax<Tr::kSTiles, kIntPv> softmax;
+  // P̃ = exp2(S − m + offset) lands in [0, 448] (FP8), [0, p_max] (INT8) or [0, 1] (FP16).
+  const float exp_offset = kIntPv ? log2f(static_cast<float>(int8_p_max(s.seq_kv)))
+                                  : kPv == PvType::kFp8 ? kLog2Fp8Max : 0.f;
   const uint32_t q_frag = smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + (lane >> 4) * 16);
   // kLean: the lane's part of the K and V fragment addresses, so that each ldmatrix below is the stage's
   // base plus a constant. Written from the generic pointers, the addresses cost a register per n-tile or
@@ -197,7 +203,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   uint32_t k_lane = 0, v_lane = 0;
   if constexpr (Tr::kLean) {
     k_lane = ((lane / 16) * 8 + (lane & 7)) * Tr::kQkRow + ((lane / 8) & 1) * 16;
-    v_lane = kPvFp8 ? (lane & 7) * Tr::kVRow + (lane >> 3) * 16
+    v_lane = Tr::kV8 ? (lane & 7) * Tr::kVRow + (lane >> 3) * 16
                     : (((lane >> 3) & 1) * 8 + (lane & 7)) * Tr::kVRow + (lane >> 4) * 16;
   }
 
@@ -293,18 +299,37 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
       }
     }
 
-    softmax.step(sf, o, Tr::kSmoothQ ? 1.f : scale, kExpOffset);  // INT4 scores are already scaled
+    const float sm_scale = Tr::kSmoothQ ? 1.f : scale;  // INT4 scores are already scaled
+    if constexpr (kIntPv) {  // O relative to the new integer row max: shifted where it rose
+      softmax.scores(sf, sm_scale, exp_offset);
+      // Late in a long row most K blocks raise none of the warp's 16 row maxima; at head dim 128 skipping their
+      // shifts pays (H100, N = 16k: +7%), at 64 the vote costs more than it saves (SDXL: -4%), and at 256 the
+      // branch makes ptxas spill (112 bytes on sm_80-89).
+      if (kDim != 128 || __any_sync(0xffffffffu, (softmax.shift[0] | softmax.shift[1]) != 0)) {
+#pragma unroll
+        for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) oi[n][e] >>= softmax.shift[e >> 1];
+        }
+      }
+    } else {
+      softmax.step(sf, o, sm_scale, exp_offset);
+    }
 
     // O += P̃·V
-    if constexpr (kPvFp8) {
+    if constexpr (Tr::kV8) {
       uint32_t pa[2][4];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {  // a0: tiles 4c,4c+1 row g; a1: row g+8; a2, a3: tiles 4c+2, 4c+3
           const int n = 4 * c + 2 * (r >> 1), e = 2 * (r & 1);
-          pa[c][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
-                     (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+          if constexpr (kIntPv) {
+            pa[c][r] = pack_u8x4(sf[n][e], sf[n][e + 1], sf[n + 1][e], sf[n + 1][e + 1]);
+          } else {
+            pa[c][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                       (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+          }
         }
       }
 #pragma unroll
@@ -315,11 +340,16 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
         } else {
           ldmatrix_x4(vf, smem_addr(s_v(stage) + (n * 8 + (lane & 7)) * Tr::kVRow + (lane >> 3) * 16));
         }
-        float blk[4] = {};
-        mma_e4m3(blk, pa[0], vf[0], vf[1]);
-        mma_e4m3(blk, pa[1], vf[2], vf[3]);
+        if constexpr (kIntPv) {
+          mma_u8s8(oi[n], pa[0], vf[0], vf[1]);
+          mma_u8s8(oi[n], pa[1], vf[2], vf[3]);
+        } else {
+          float blk[4] = {};
+          mma_e4m3(blk, pa[0], vf[0], vf[1]);
+          mma_e4m3(blk, pa[1], vf[2], vf[3]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) o[n][e] += blk[e];
+          for (int e = 0; e < 4; ++e) o[n][e] += blk[e];
+        }
       }
     } else {
 #pragma unroll
@@ -350,7 +380,14 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPvFp8>::kMaxRegs)) sm80_
   cp_async_wait<0>();
 
   // ---- epilogue ----
-  store_rows<kPvFp8>(a, softmax, o, q0 + warp * Tr::kWarpQ + g, b, hq, bhq, bhkv, t, kExpOffset);
+  if constexpr (kIntPv) {
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] = static_cast<float>(oi[n][e]);
+    }
+  }
+  store_rows<kPv>(a, softmax, o, q0 + warp * Tr::kWarpQ + g, b, hq, bhq, bhkv, t, exp_offset);
 }
 
 }  // namespace comfy_sage

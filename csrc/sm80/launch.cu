@@ -11,29 +11,32 @@
 namespace comfy_sage {
 namespace {
 
-// Every compiled variant: X(Q·Kᵀ bits, head dim, FP8 P·V). The output type (fp16/bf16) is a run-time
+// Every compiled variant: X(Q·Kᵀ bits, head dim, P·V type). The output type (fp16/bf16) is a run-time
 // switch in the epilogue, not a template axis. This is the one list of what gets compiled.
 #define COMFY_SAGE_SM80_VARIANTS(X) \
-  X(8, 64, true)                    \
-  X(8, 64, false)                   \
-  X(8, 128, true)                   \
-  X(8, 128, false)                  \
-  X(8, 256, true)                   \
-  X(8, 256, false)                  \
-  X(4, 64, true)                    \
-  X(4, 64, false)                   \
-  X(4, 128, true)                   \
-  X(4, 128, false)                  \
-  X(4, 256, true)                   \
-  X(4, 256, false)
+  X(8, 64, kFp8)                    \
+  X(8, 64, kFp16)                   \
+  X(8, 64, kInt8)                   \
+  X(8, 128, kFp8)                   \
+  X(8, 128, kFp16)                  \
+  X(8, 128, kInt8)                  \
+  X(8, 256, kFp8)                   \
+  X(8, 256, kFp16)                  \
+  X(8, 256, kInt8)                  \
+  X(4, 64, kFp8)                    \
+  X(4, 64, kFp16)                   \
+  X(4, 128, kFp8)                   \
+  X(4, 128, kFp16)                  \
+  X(4, 256, kFp8)                   \
+  X(4, 256, kFp16)
 
-template <int kQkBits, int kDim, bool kPvFp8>
+template <int kQkBits, int kDim, PvType kPv>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
-  using Tr = Sm80Traits<kQkBits, kDim, kPvFp8>;
-  const cudaError_t err = allow_smem<sm80_attention_kernel<kQkBits, kDim, kPvFp8>>(Tr::kSmemBytes);
+  using Tr = Sm80Traits<kQkBits, kDim, kPv>;
+  const cudaError_t err = allow_smem<sm80_attention_kernel<kQkBits, kDim, kPv>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(a.shape.padded_q / Tr::kBlockQ, a.shape.heads_q, a.shape.batch);
-  sm80_attention_kernel<kQkBits, kDim, kPvFp8><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
+  sm80_attention_kernel<kQkBits, kDim, kPv><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -43,7 +46,7 @@ bool sm80_runs_on_current_device() {
   // A host-side query (no launch, no sync): fails with cudaErrorNoKernelImageForDevice when this build has
   // neither SASS nor JIT-able PTX for the current GPU.
   cudaFuncAttributes attributes;
-  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm80_attention_kernel<8, 128, false>);
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm80_attention_kernel<8, 128, PvType::kFp16>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // clear the (non-sticky) error for the next launch check
   return err == cudaSuccess;
 }
@@ -51,8 +54,8 @@ bool sm80_runs_on_current_device() {
 cudaError_t run_sm80_attention(const AttentionArgs& a, cudaStream_t stream) {
   cudaError_t err = launch_quantize(a, stream);
   if (err != cudaSuccess || a.shape.seq_q == 0) return err;
-#define COMFY_SAGE_DISPATCH(BITS, D, FP8) \
-  if (a.qk_bits == BITS && a.shape.padded_dim == D && a.pv_fp8 == FP8) return launch<BITS, D, FP8>(a, stream);
+#define COMFY_SAGE_DISPATCH(BITS, D, PV) \
+  if (a.qk_bits == BITS && a.shape.padded_dim == D && a.pv == PvType::PV) return launch<BITS, D, PvType::PV>(a, stream);
   COMFY_SAGE_SM80_VARIANTS(COMFY_SAGE_DISPATCH)
 #undef COMFY_SAGE_DISPATCH
   return cudaErrorInvalidValue;

@@ -1,4 +1,4 @@
-// The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 P·V on warpgroup tensor cores.
+// The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 or INT8 P·V on warpgroup tensor cores.
 //
 // One CTA = one (batch, q head, block of sm90_block_q: 192 query rows at head dim 128, 256 at 64), or a
 // part of one along the keys when the tiles leave a short last wave (Sm90Split below); 4 or 5 warpgroups:
@@ -12,11 +12,13 @@
 //       warp's 16) and one K scale (its columns 2t, 2t+1 of every 8; the quantization uses 128-key groups);
 //     masking (key padding, bottom-right causal; only in the blocks that need it), online softmax in base 2
 //       (softmax.cuh);
-//     O += P̃·V: P̃ in FP8 e4m3 packed from the S registers in the order of the A fragment (V's tokens are
-//       permuted by the quantization to match, as in the mma.sync kernel), written into the consumer's
-//       shared-memory tile or, at head dim 64 (Sm90Traits::kPRegs), kept in registers; then wgmma
-//       m64nDk32 e4m3 with V^T in shared memory; each block's product in a fresh accumulator added into
-//       fp32 O with the rescale in the same FFMA (two-level accumulation).
+//     O += P̃·V: P̃ in FP8 e4m3 or unsigned INT8 packed from the S registers in the order of the A fragment
+//       (V's tokens are permuted by the quantization to match, as in the mma.sync kernel), written into the
+//       consumer's shared-memory tile or, at head dim 64 (Sm90Traits::kPRegs), kept in registers; then wgmma
+//       m64nDk32 with V^T in shared memory. FP8: each block's product in a fresh accumulator added into
+//       fp32 O with the rescale in the same FFMA (two-level accumulation). INT8: one int32 accumulator for
+//       the whole row, exact, rescaled by a right shift before each block's product (the integer row max
+//       of softmax.cuh), converted to float once, in the epilogue.
 //   Each consumer runs its blocks one after the other; the consumers interleave on the SM, one's
 //   exponentials while another's matmuls run, and take turns at the tensor cores in a fixed order so that
 //   they stay out of step. Three fit the register file at head dim 128 (160 registers each), four at 64
@@ -82,13 +84,15 @@ inline Sm90Split sm90_split(const Shape& s, bool causal, int sms) {
 struct Sm90Params {
   CUtensorMap q_map;  // INT8 Q  [B·Hq][padded_q][D], box D × 128 × 1
   CUtensorMap k_map;  // INT8 K  [B·Hkv][padded_kv][D], box D × 128 × 1
-  CUtensorMap v_map;  // FP8 V^T [B·Hkv][D][padded_kv], box 128 × D × 1
+  CUtensorMap v_map;  // 8-bit V^T [B·Hkv][D][padded_kv], box 128 × D × 1
   AttentionArgs args;
   Sm90Split split;
 };
 
-template <int kDim>
+template <int kDim, PvType kPv>
 struct Sm90Traits {
+  static constexpr bool kIntPv = kPv == PvType::kInt8;
+  static_assert(kPv == PvType::kFp8 || kIntPv, "wgmma kernel: FP8 or INT8 P·V");
   // Consumer warpgroups: as many as the register file holds (see kConsumerRegs); each one more per SM
   // hides more of the others' latencies (docs/hopper-notes.md: h5, g6).
   static constexpr int kConsumers = sm90_consumers(kDim);
@@ -99,8 +103,8 @@ struct Sm90Traits {
   static constexpr int kStages = 4;  // K/V blocks in flight
   static constexpr int kQBytes = kBlockQ * kDim;  // INT8 rows of kDim bytes
   static constexpr int kKBytes = kBlockK * kDim;
-  static constexpr int kVBytes = kDim * kBlockK;  // FP8 V^T: kDim rows of kBlockK bytes
-  static constexpr int kPBytes = kWgRows * kBlockK;  // one consumer's FP8 P̃ tile
+  static constexpr int kVBytes = kDim * kBlockK;  // 8-bit V^T: kDim rows of kBlockK bytes
+  static constexpr int kPBytes = kWgRows * kBlockK;  // one consumer's 8-bit P̃ tile
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
   // +1024: the tiles need 1024-byte alignment (one 128-byte swizzle pattern), dynamic shared memory has less.
   static constexpr int kSmemBytes =
@@ -121,6 +125,10 @@ struct Sm90Traits {
   // the tensor cores and the exponentials together (docs/hopper-notes.md, g1: +5-7% at head dim 128; g5:
   // +5% at SDXL, where it replaced keeping the next block's Q·Kᵀ in flight).
   static constexpr int kRingBarrier = 1 + kConsumers;  // 1..kConsumers: each consumer's own P̃-tile barrier
+  // INT8 P·V: the wgmma adds straight into the row's int32 accumulator at head dim 128. At 64 that leaves
+  // ptxas too few of the 112 registers (it serializes the wgmmas and spills 800 bytes), so each block's product
+  // goes to a fresh accumulator added in afterwards, as FP8 does.
+  static constexpr bool kIntInPlace = kDim == 128;
   static_assert(kDim == 64 || kDim == 128, "wgmma kernel: head dims 64 and 128");
   // setmaxnreg moves registers within the CTA's allocation (kThreads × the launch count, which
   // __launch_bounds__(kThreads, 1) makes 65536 / kThreads rounded down to 8): asking for more than that
@@ -132,10 +140,12 @@ struct Sm90Traits {
 
 // kSplit: the 1-D grid of a launch with split tiles (Sm90Split); otherwise a (row block, q head, batch) grid
 // and none of the split code, which measurably slows the K loop of long sequences when merely present.
-template <int kDim, bool kSplit>
-__global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
+template <int kDim, PvType kPv, bool kSplit>
+__global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     sm90_attention_kernel(const __grid_constant__ Sm90Params p) {
-  using Tr = Sm90Traits<kDim>;
+  using Tr = Sm90Traits<kDim, kPv>;
+  constexpr bool kIntPv = Tr::kIntPv;
+  using OAcc = std::conditional_t<kIntPv, int32_t, float>;  // the P̃·V accumulator
   const AttentionArgs& a = p.args;
   const Shape& s = a.shape;
   extern __shared__ uint8_t smem_raw[];
@@ -230,17 +240,27 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     }
     wgmma_commit();
   };
-  // blk = P̃·V of one stage (32 keys per wgmma), P̃ from this consumer's shared-memory tile; issued.
+  // P̃·V of one stage (32 keys per wgmma), issued: FP8 into a fresh accumulator `blk`, INT8 added into the
+  // row's accumulator. P̃ from this consumer's shared-memory tile, or (kPRegs) from registers `pw`.
   const uint64_t desc_p = make_smem_desc(s_p, Tr::kBlockK);
-  auto issue_pv = [&](float (&blk)[Tr::kOTiles * 4], int stage) {
+  auto issue_pv = [&](OAcc (&blk)[Tr::kOTiles * 4], int stage, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
     const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
-      if constexpr (kDim == 128) {
-        wgmma_m64n128k32_e4m3_ss(blk, desc_p + 2 * j, desc_v + 2 * j, j);
+      const int accumulate = kIntPv && Tr::kIntInPlace ? 1 : j;
+      if constexpr (Tr::kPRegs && !kSplit && kIntPv) {
+        wgmma_m64n64k32_u8s8_rs(blk, pw[j], desc_v + 2 * j, accumulate);
+      } else if constexpr (Tr::kPRegs && !kSplit) {
+        wgmma_m64n64k32_e4m3_rs(blk, pw[j], desc_v + 2 * j, accumulate);
+      } else if constexpr (kDim == 128 && kIntPv) {
+        wgmma_m64n128k32_u8s8_ss(blk, desc_p + 2 * j, desc_v + 2 * j, accumulate);
+      } else if constexpr (kDim == 128) {
+        wgmma_m64n128k32_e4m3_ss(blk, desc_p + 2 * j, desc_v + 2 * j, accumulate);
+      } else if constexpr (kIntPv) {
+        wgmma_m64n64k32_u8s8_ss(blk, desc_p + 2 * j, desc_v + 2 * j, accumulate);
       } else {
-        wgmma_m64n64k32_e4m3_ss(blk, desc_p + 2 * j, desc_v + 2 * j, j);
+        wgmma_m64n64k32_e4m3_ss(blk, desc_p + 2 * j, desc_v + 2 * j, accumulate);
       }
     }
     wgmma_commit();
@@ -249,8 +269,10 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   // (row max, exponentials, row sums; softmax.alpha rescales o in add_block); sf then holds P̃ in fp32.
   // (`masked`: std::true_type for blocks with padded or causally hidden keys, std::false_type otherwise, so
   // each loop body is straight-line code: ptxas tracks in-flight wgmma registers only within one.)
+  // P̃ = exp2(S − m + exp_offset) lands in [0, 448] (FP8) or [0, p_max] (INT8).
+  const float exp_offset = kIntPv ? log2f(static_cast<float>(int8_p_max(s.seq_kv))) : kLog2Fp8Max;
   auto softmax_step = [&](float (&sf)[Tr::kSTiles][4], const int32_t (&acc)[Tr::kSTiles * 4], int kb,
-                          float k_scale, OnlineSoftmax<Tr::kSTiles>& softmax, auto masked) {
+                          float k_scale, OnlineSoftmax<Tr::kSTiles, kIntPv>& softmax, auto masked) {
     const float scale = fmaxf(q_scale * k_scale, kMinScale);
     const int key0 = kb * Tr::kBlockK;
 #pragma unroll
@@ -264,9 +286,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
         }
       }
     }
-    softmax.scores(sf, scale, kLog2Fp8Max);
+    softmax.scores(sf, scale, exp_offset);
   };
-  // P̃ in FP8 into this consumer's tile: 64 rows of 128 key bytes, 128-byte swizzled (16-byte chunk index
+  // P̃ (8-bit) into this consumer's tile: 64 rows of 128 key bytes, 128-byte swizzled (16-byte chunk index
   // XOR row mod 8) as the wgmma descriptor reads it. Keys of k step j sit at bytes 32j.. of the row in the
   // A-fragment order (V's tokens are permuted to match): the 4 bytes a lane packs from tiles 4j + 2h, +1
   // go to chunk 2j + h, bytes 4t..4t+3. Each store instruction of a warp covers 32 distinct banks. The
@@ -278,14 +300,16 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int n = 4 * j + 2 * (r >> 1), e = 2 * (r & 1);
-        pw[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
-                   (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+        if constexpr (kIntPv) {
+          pw[j][r] = pack_u8x4(sf[n][e], sf[n][e + 1], sf[n + 1][e], sf[n + 1][e + 1]);
+        } else {
+          pw[j][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
+                     (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);
+        }
       }
     }
   };
-  auto store_p = [&](const float (&sf)[Tr::kSTiles][4]) {
-    uint32_t pw[Tr::kBlockK / 32][4];
-    pack_p(sf, pw);
+  auto store_p = [&](const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
 #pragma unroll
@@ -308,7 +332,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   auto turn_pass = [&] { named_barrier_arrive(Tr::kRingBarrier + (c + 1) % Tr::kConsumers, 256); };
 
   float o[Tr::kOTiles][4] = {};
-  OnlineSoftmax<Tr::kSTiles> softmax;
+  int32_t oi[kIntPv ? Tr::kOTiles * 4 : 1] = {};  // INT8: the exact int32 O of the lane's row elements
+  OnlineSoftmax<Tr::kSTiles, kIntPv> softmax;
   // o relative to the new row max plus this block's product: one FFMA per element (no branch: control flow
   // between a wgmma and its wait makes ptxas wait early).
   auto add_block = [&](const float (&blk)[Tr::kOTiles * 4]) {
@@ -333,27 +358,47 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
       fence_registers(acc);
       softmax_step(sf, acc, kb, k_scale, softmax, masked);
     }
-    float blk[Tr::kOTiles * 4];
-    if constexpr (Tr::kPRegs && !kSplit) {
-      uint32_t pw[Tr::kBlockK / 32][4];
-      pack_p(sf, pw);
-      turn_wait();
-      const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
-      wgmma_fence();
+    uint32_t pw[Tr::kBlockK / 32][4];
+    pack_p(sf, pw);
+    if constexpr (!(Tr::kPRegs && !kSplit)) store_p(pw);
+    if constexpr (kIntPv) {
+      // The row accumulator relative to the new (integer) row max: shifted right where the max rose. In most
+      // K blocks of a long row none of the warp's 16 row maxima rises, and at head dim 128 the warp skips the
+      // shifts (H100: +3% at N = 16k, +4% at 32k); at 64, where the product is added in afterwards anyway,
+      // the vote and branch cost more than they save (-3% at SDXL, -21% at N = 16k).
+      auto shift = [&](int i) { return oi[i] >> softmax.shift[(i >> 1) & 1]; };
+      if constexpr (Tr::kIntInPlace) {
+        if (__any_sync(0xffffffffu, (softmax.shift[0] | softmax.shift[1]) != 0)) {
 #pragma unroll
-      for (int j = 0; j < Tr::kBlockK / 32; ++j) wgmma_m64n64k32_e4m3_rs(blk, pw[j], desc_v + 2 * j, j);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_registers(pw);
+          for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = shift(i);
+        }
+        turn_wait();
+        issue_pv(oi, stage, pw);
+        wgmma_wait<0>();
+        if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
+        fence_registers(oi);
+        if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+      } else {
+        int32_t blk[Tr::kOTiles * 4];
+        turn_wait();
+        issue_pv(blk, stage, pw);
+        wgmma_wait<0>();
+        if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
+        fence_registers(blk);
+        if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+#pragma unroll
+        for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = shift(i) + blk[i];
+      }
     } else {
-      store_p(sf);
+      float blk[Tr::kOTiles * 4];
       turn_wait();
-      issue_pv(blk, stage);
+      issue_pv(blk, stage, pw);
       wgmma_wait<0>();
+      if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
+      fence_registers(blk);
+      if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+      add_block(blk);
     }
-    fence_registers(blk);
-    if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
-    add_block(blk);
   };
   if (num_k_blocks > kb0) {
     if (c == Tr::kConsumers - 1) turn_pass();  // consumer 0 goes first
@@ -377,8 +422,15 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
   }
 
   // ---- epilogue ----
+  if constexpr (kIntPv) {
+#pragma unroll
+    for (int n = 0; n < Tr::kOTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[n][e] = static_cast<float>(oi[4 * n + e]);
+    }
+  }
   if (!split) {  // always so without kSplit
-    store_rows<true>(a, softmax, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
+    store_rows<kPv>(a, softmax, o, row0, b, hq, bhq, bhkv, t, exp_offset);
     return;
   }
   // A part of a split tile: its unnormalized O, row max and whole-row sum, in this lane's own positions;
@@ -440,7 +492,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim>::kThreads, 1)
     total.m[half] = m_max;
     total.l[half] = l;
   }
-  write_rows<true>(a, total, o, row0, b, hq, bhq, bhkv, t, kLog2Fp8Max);
+  write_rows<kPv>(a, total, o, row0, b, hq, bhq, bhkv, t, exp_offset);
 }
 
 }  // namespace comfy_sage

@@ -15,10 +15,12 @@
 namespace comfy_sage {
 namespace {
 
-// Every compiled variant: X(head dim). INT8 Q·Kᵀ and FP8 P·V; fp16/bf16 output is a run-time switch.
+// Every compiled variant: X(head dim, P·V type), with INT8 Q·Kᵀ; fp16/bf16 output is a run-time switch.
 #define COMFY_SAGE_SM90_VARIANTS(X) \
-  X(64)                             \
-  X(128)
+  X(64, kFp8)                       \
+  X(128, kFp8)                      \
+  X(64, kInt8)                      \
+  X(128, kInt8)
 
 // cuTensorMapEncodeTiled from the driver the CUDA runtime already loaded (no link against libcuda).
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -68,9 +70,9 @@ int sm_count() {
   return sms;
 }
 
-template <int kDim>
+template <int kDim, PvType kPv>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
-  using Tr = Sm90Traits<kDim>;
+  using Tr = Sm90Traits<kDim, kPv>;
   const Shape& s = a.shape;
   Sm90Params p{};
   p.args = a;
@@ -83,19 +85,19 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   p.split = sm90_split(s, a.causal, sm_count());
   if (p.split.split_tiles == 0) {
     const dim3 grid(s.padded_q / Tr::kBlockQ, s.heads_q, s.batch);
-    cudaError_t err = allow_smem<sm90_attention_kernel<kDim, false>>(Tr::kSmemBytes);
+    cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, false>>(Tr::kSmemBytes);
     if (err != cudaSuccess) return err;
-    sm90_attention_kernel<kDim, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+    sm90_attention_kernel<kDim, kPv, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
     return cudaGetLastError();
   }
   if (a.split_partials == nullptr || a.num_split_counters < p.split.split_tiles * Tr::kConsumers) {
     return cudaErrorInvalidValue;  // the caller sized the buffers with sm90_split_buffers
   }
   if (p.split.ctas() > INT32_MAX) return cudaErrorInvalidConfiguration;
-  cudaError_t err = allow_smem<sm90_attention_kernel<kDim, true>>(Tr::kSmemBytes);
+  cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, true>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   const auto ctas = static_cast<unsigned>(p.split.ctas());
-  sm90_attention_kernel<kDim, true><<<ctas, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  sm90_attention_kernel<kDim, kPv, true><<<ctas, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -111,7 +113,7 @@ bool sm90_runs_on_current_device() {
   }
   if (major != 9 || minor != 0 || encode_tiled() == nullptr) return false;  // sm_90a code runs on 9.0 only
   cudaFuncAttributes attributes;
-  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm90_attention_kernel<128, false>);
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, sm90_attention_kernel<128, PvType::kFp8, false>);
   if (err != cudaSuccess) (void)cudaGetLastError();
   return err == cudaSuccess;
 }
@@ -124,11 +126,11 @@ void sm90_split_buffers(const Shape& s, bool causal, int64_t* partial_floats, in
 }
 
 cudaError_t run_sm90_attention(const AttentionArgs& a, cudaStream_t stream) {
-  if (a.qk_bits != 8 || !a.pv_fp8 || a.shape.block_k != kSm90BlockK) return cudaErrorInvalidValue;
+  if (a.qk_bits != 8 || a.pv == PvType::kFp16 || a.shape.block_k != kSm90BlockK) return cudaErrorInvalidValue;
   cudaError_t err = launch_quantize(a, stream);
   if (err != cudaSuccess || a.shape.seq_q == 0) return err;
-#define COMFY_SAGE_DISPATCH(D) \
-  if (a.shape.padded_dim == D) return launch<D>(a, stream);
+#define COMFY_SAGE_DISPATCH(D, PV) \
+  if (a.shape.padded_dim == D && a.pv == PvType::PV) return launch<D, PvType::PV>(a, stream);
   COMFY_SAGE_SM90_VARIANTS(COMFY_SAGE_DISPATCH)
 #undef COMFY_SAGE_DISPATCH
   return cudaErrorInvalidValue;

@@ -15,6 +15,7 @@ import torch
 
 import comfy_sage
 from comfy_sage import dispatch, ops, reference
+from comfy_sage.modes import Mode
 from comfy_sage.testing import make_qkv
 
 
@@ -97,8 +98,9 @@ def check_opcheck(family: str) -> None:
     kernel and autograd registration, with and without the LSE and the causal mask."""
     q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
     for layout, causal, lse in ((0, False, True), (0, True, False)):
-        args = (q, k, v, layout, 8, True, causal, 0.125, lse, ops.FAMILY_CODES[family])
-        torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
+        for pv in ("fp8", "int8"):
+            args = (q, k, v, layout, 8, ops.PV_CODES[pv], causal, 0.125, lse, ops.FAMILY_CODES[family])
+            torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
 
 
 def check_compile_fullgraph() -> None:
@@ -107,3 +109,18 @@ def check_compile_fullgraph() -> None:
     q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
     compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)
+
+
+def check_int8_pv_long_rows(family: str) -> None:
+    """INT8 P·V's int32 row accumulator at its largest: at 75,600 keys (Wan 14B 720p, where P̃'s range p_max is
+    221) every key weighs the same (Q = 0) and every V value is its channel's maximum, so each row sums
+    p_max · 127 · N_kv; and ordinary inputs of that length against the reference."""
+    seq_kv = 75_600
+    q = torch.zeros(1, 2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, seq_kv, 128, device="cuda", dtype=torch.bfloat16)
+    signs = torch.where(torch.arange(128, device="cuda") % 2 == 0, 3.0, -3.0)
+    v = signs.expand(1, 2, seq_kv, 128).to(torch.bfloat16).contiguous()
+    out = comfy_sage.sageattn(q, k, v, mode="int8_int8")
+    assert dispatch.plan(Mode.INT8_INT8, q.device, 128, q.dtype, False).kernel.family == family
+    torch.testing.assert_close(out, v[:, :, :64], rtol=1e-2, atol=0)
+    check(Mode.INT8_INT8, 128, False, "HND", 1, torch.bfloat16, 200, seq_kv, family=family)

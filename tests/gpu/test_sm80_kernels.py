@@ -11,6 +11,7 @@ from kernel_checks import (
     assert_as_accurate_as_reference,
     check,
     check_compile_fullgraph,
+    check_int8_pv_long_rows,
     check_opcheck,
     inputs,
     poisoned,
@@ -18,11 +19,11 @@ from kernel_checks import (
 )
 
 import comfy_sage
-from comfy_sage import dispatch, reference
+from comfy_sage import dispatch, ops, reference
 from comfy_sage.modes import Mode
 from comfy_sage.tiling import SM80, sm80_tiling
 
-MODES = (Mode.INT8_FP8, Mode.INT8_FP16)
+MODES = (Mode.INT8_FP8, Mode.INT8_FP16, Mode.INT8_INT8)
 HEAD_DIMS = (64, 128, 256, 40, 80, 96, 160)
 LENGTHS = ((1, 1), (77, 77), (1000, 1000), (4097, 4097), (300, 1000), (1000, 300))
 
@@ -65,6 +66,8 @@ def test_accuracy_n4096(mode, record_property):
     record_property("accuracy", acc)
     if mode is Mode.INT8_FP16:
         assert acc["cos_sim"] >= 0.99993 and acc["rel_l1"] <= 0.012, acc
+    elif mode is Mode.INT8_INT8:  # the accuracy bar SageAttention2-8b misses
+        assert acc["cos_sim"] >= 0.9993 and acc["rel_l1"] <= 0.035, acc
     else:  # SageAttention2-8b's level (0.99928 / 0.038 measured for the released kernel)
         assert acc["cos_sim"] >= 0.9992 and acc["rel_l1"] <= 0.040, acc
 
@@ -81,6 +84,10 @@ def test_large_values_stay_finite(mode, dtype):
     truth = reference.exact.attention(q, k, v, is_causal=True)
     ref = reference.sageattn(q, k, v, mode=mode, is_causal=True, tiling=SM80)
     assert reference.relative_l1(out, truth) <= 1.5 * reference.relative_l1(ref, truth) + 1e-3
+
+
+def test_int8_pv_long_rows():
+    check_int8_pv_long_rows("sm80")
 
 
 def test_float32_inputs_return_float32():
@@ -126,8 +133,8 @@ def test_cuda_graph_capture():
 
 def _int4_call(q, k, v, layout, pv_fp8, causal):
     """The INT4 kernel directly: on an H100 the dispatcher sends INT4 requests to INT8 (INT4 is emulated)."""
-    code = 0 if layout == "HND" else 1
-    return torch.ops.comfy_sage.attention(q, k, v, code, 4, pv_fp8, causal, q.shape[-1] ** -0.5, True, 80)
+    code, pv = ops.LAYOUT_CODES[layout], ops.PV_CODES["fp8" if pv_fp8 else "fp16"]
+    return torch.ops.comfy_sage.attention(q, k, v, code, 4, pv, causal, q.shape[-1] ** -0.5, True, 80)
 
 
 @pytest.mark.parametrize("pv_fp8", (True, False), ids=("fp8", "fp16"))

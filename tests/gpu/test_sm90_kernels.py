@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from kernel_checks import check, check_compile_fullgraph, check_opcheck, inputs, seed
+from kernel_checks import check, check_compile_fullgraph, check_int8_pv_long_rows, check_opcheck, inputs, seed
 
 import comfy_sage
 from comfy_sage import capability, dispatch, reference
@@ -28,28 +28,38 @@ def _wgmma_family():
         yield
 
 
+MODES = (Mode.INT8_FP8, Mode.INT8_INT8)  # what the wgmma kernel computes
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 @pytest.mark.parametrize("nq,nkv", LENGTHS, ids=lambda x: str(x))
-def test_matrix(causal, nq, nkv):
-    """INT8+FP8 × causal × length, across head dims × both layouts, with GQA, the dtype and the input kind
+def test_matrix(mode, causal, nq, nkv):
+    """Each mode × causal × length, across head dims × both layouts, with GQA, the dtype and the input kind
     alternating."""
     for i, (d, layout) in enumerate(itertools.product(HEAD_DIMS, ("HND", "NHD"))):
         gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
         kind = ("normal", "biased")[(i // 4) % 2]
-        check(Mode.INT8_FP8, d, causal, layout, gqa, dtype, nq, nkv, kind=kind, family="sm90")
+        check(mode, d, causal, layout, gqa, dtype, nq, nkv, kind=kind, family="sm90")
 
 
-def test_split_tiles():
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_split_tiles(mode):
     """Few tiles over many K blocks: the short last wave runs in parts along the keys (up to 8) and the last
     part to finish combines them, on any sm_90 GPU (2 tiles here against ~132 SMs). The matrix above covers
     it too (N = 1000, 4097, 300 ↔ 1000), and the plain kernel where there are too few K blocks to split."""
-    check(Mode.INT8_FP8, 128, False, "HND", 1, torch.bfloat16, 150, 4000, family="sm90")
-    check(Mode.INT8_FP8, 64, False, "NHD", 4, torch.float16, 192, 2049, kind="biased", family="sm90")
+    check(mode, 128, False, "HND", 1, torch.bfloat16, 150, 4000, family="sm90")
+    check(mode, 64, False, "NHD", 4, torch.float16, 192, 2049, kind="biased", family="sm90")
 
 
-def test_batch_gqa_causal():
-    check(Mode.INT8_FP8, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3, family="sm90")
-    check(Mode.INT8_FP8, 64, False, "HND", 8, torch.float16, 2000, 3001, batch=2, family="sm90")
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_batch_gqa_causal(mode):
+    check(mode, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3, family="sm90")
+    check(mode, 64, False, "HND", 8, torch.float16, 2000, 3001, batch=2, family="sm90")
+
+
+def test_int8_pv_long_rows():
+    check_int8_pv_long_rows("sm90")
 
 
 def test_auto_runs_the_wgmma_kernel():
@@ -57,26 +67,31 @@ def test_auto_runs_the_wgmma_kernel():
     assert plan.kernel.name == "sm90_int8_fp8"
 
 
-def test_accuracy_n4096(record_property):
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_accuracy_n4096(mode, record_property):
     """Accuracy vs float64 on random-normal inputs, N = 4096, D = 128, next to the mma.sync kernel's."""
     q, k, v = inputs(seed(), heads_q=8, heads_kv=8, nq=4096, nkv=4096, d=128, dtype=torch.bfloat16, layout="HND")
     truth = reference.exact.attention(q, k, v)
-    acc = reference.accuracy(comfy_sage.sageattn(q, k, v, mode="int8_fp8"), truth)
-    ref = reference.accuracy(reference.sageattn(q, k, v, mode="int8_fp8", tiling=SM90), truth)
-    print(f"sm90_int8_fp8: kernel cos {acc['cos_sim']:.6f} rel L1 {acc['rel_l1']:.5f}; "
+    acc = reference.accuracy(comfy_sage.sageattn(q, k, v, mode=mode), truth)
+    ref = reference.accuracy(reference.sageattn(q, k, v, mode=mode, tiling=SM90), truth)
+    print(f"sm90_{mode.value}: kernel cos {acc['cos_sim']:.6f} rel L1 {acc['rel_l1']:.5f}; "
           f"reference cos {ref['cos_sim']:.6f} rel L1 {ref['rel_l1']:.5f}")  # fmt: skip
     record_property("accuracy", acc)
-    assert acc["cos_sim"] >= 0.9992 and acc["rel_l1"] <= 0.040, acc
+    if mode is Mode.INT8_INT8:  # the issue's bar, which FP8 P·V cannot reach
+        assert acc["cos_sim"] >= 0.9993 and acc["rel_l1"] <= 0.035, acc
+    else:  # SageAttention2-8b's level (0.99928 / 0.038 measured for the released kernel)
+        assert acc["cos_sim"] >= 0.9992 and acc["rel_l1"] <= 0.040, acc
 
 
+@pytest.mark.parametrize("mode", MODES, ids=str)
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
-def test_large_values_stay_finite(dtype):
+def test_large_values_stay_finite(mode, dtype):
     q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=300, nkv=300, d=128, dtype=torch.float32, layout="HND")
     q, k, v = ((t * 2500).clamp(-1e4, 1e4).to(dtype) for t in (q, k, v))
-    out = comfy_sage.sageattn(q, k, v, mode="int8_fp8", is_causal=True)
+    out = comfy_sage.sageattn(q, k, v, mode=mode, is_causal=True)
     assert torch.isfinite(out).all()
     truth = reference.exact.attention(q, k, v, is_causal=True)
-    ref = reference.sageattn(q, k, v, mode="int8_fp8", is_causal=True, tiling=SM90)
+    ref = reference.sageattn(q, k, v, mode=mode, is_causal=True, tiling=SM90)
     assert reference.relative_l1(out, truth) <= 1.5 * reference.relative_l1(ref, truth) + 1e-3
 
 
@@ -120,6 +135,10 @@ def test_unaligned_and_size_one_strided_views():
 def test_wrong_family_requests_are_refused():
     q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=64, nkv=64, d=256, dtype=torch.float16, layout="HND")
     with pytest.raises(RuntimeError, match="head_dim up to 128"):
-        torch.ops.comfy_sage.attention(q, k, v, 0, 8, True, False, 0.0625, False, 90)
-    with pytest.raises(RuntimeError, match="INT8 Q·K\\^T with FP8 P·V only"):
-        torch.ops.comfy_sage.attention(q[..., :128], k[..., :128], v[..., :128], 0, 8, False, False, 0.1, False, 90)
+        torch.ops.comfy_sage.attention(q, k, v, 0, 8, 1, False, 0.0625, False, 90)
+    with pytest.raises(RuntimeError, match="INT8 Q·K\\^T with FP8 or INT8 P·V only"):
+        torch.ops.comfy_sage.attention(q[..., :128], k[..., :128], v[..., :128], 0, 8, 0, False, 0.1, False, 90)
+    with pytest.raises(RuntimeError, match="INT8 P·V runs with INT8 Q·K\\^T only"):
+        torch.ops.comfy_sage.attention(q[..., :128], k[..., :128], v[..., :128], 0, 4, 2, False, 0.1, False, 80)
+    with pytest.raises(RuntimeError, match="pv must be"):
+        torch.ops.comfy_sage.attention(q[..., :128], k[..., :128], v[..., :128], 0, 8, 3, False, 0.1, False, 80)

@@ -165,7 +165,8 @@ def test_per_thread_beats_per_block_and_per_tensor(mode: str, biased_1024: Case)
     r = run_variants(biased_1024, mode, {g: dict(granularity=g) for g in ("thread", "block", "tensor")})
     what = f"{mode} on {biased_1024}: {describe(r)}"
     err = {g: 1 - x["cos_sim"] for g, x in r.items()}
-    err_ratio, l1_ratio = {"int8_fp8": (0.8, 0.9), "int8_fp16": (0.6, 0.75), "int8_int8": (0.6, 0.8)}.get(mode, (0.5, 0.65))
+    ratios = {"int8_fp8": (0.8, 0.9), "int8_fp16": (0.6, 0.75), "int8_int8": (0.6, 0.8)}
+    err_ratio, l1_ratio = ratios.get(mode, (0.5, 0.65))
     assert err["thread"] <= err_ratio * err["block"], what
     assert r["thread"]["rel_l1"] <= l1_ratio * r["block"]["rel_l1"], what
     assert err["block"] <= err["tensor"], what
