@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - t0
     rows = [("sageattn (this call)", out, elapsed)]
-    for mode in ("int8_fp8", "int8_fp16"):
+    for mode in ("int8_fp8", "int8_int8", "int8_fp16"):
         rows.append((f"reference {mode}", reference.sageattn(q, k, v, mode=mode), None))
     print(f"  {'':<22} {'cos sim':>9} {'rel L1':>8} {'time':>9}")
     for name, o, t in rows:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_accuracy)
 
     p = sub.add_parser("bench", help="TOPS per shape for every implementation found (needs a GPU)")
-    p.add_argument("--modes", default="int8_fp8,int8_fp16", help="comma-separated comfy_sage modes")
+    p.add_argument("--modes", default="int8_fp8,int8_int8,int8_fp16", help="comma-separated comfy_sage modes")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", default="bench.json", help="where to write the results")

@@ -30,7 +30,8 @@ def sageattn(
     is_causal: causal mask aligned bottom-right when N_q ≠ N_kv; rows that see no key give 0.
     sm_scale: softmax scale, default 1/sqrt(D).
     mode: "auto" (the fastest accurate mode for this GPU), "int8_fp8", "int4_fp8", "int8_fp16",
-        "int4_fp16", or "sdpa" (PyTorch attention); a `Mode` works too.
+        "int4_fp16", "int8_int8" (INT8 Q·Kᵀ and INT8 P·V with exact integer sums: more accurate than
+        "int8_fp8", native on every GPU the kernels support), or "sdpa" (PyTorch attention); a `Mode` works too.
     attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]; runs PyTorch attention.
     return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
 

@@ -39,8 +39,8 @@ def _peer(module: str, attr: str) -> Callable | None:
 
 
 def implementations(modes: list[str]) -> dict[str, Callable]:
-    """Every implementation to time: comfy_sage's modes (and, on Hopper, the mma.sync family of INT8+FP8 for
-    comparison), PyTorch SDPA on cuDNN and flash, and the released peers found installed."""
+    """Every implementation to time: comfy_sage's modes (and, on Hopper, the mma.sync family of the modes the
+    wgmma kernel runs, for comparison), PyTorch SDPA on cuDNN and flash, and the released peers found installed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import comfy_sage
@@ -49,13 +49,15 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
     impls: dict[str, Callable] = {}
     for mode in modes:
         impls[f"comfy_sage {mode}"] = lambda q, k, v, c, m=mode: comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
-    if torch.cuda.get_device_capability() == (9, 0) and "int8_fp8" in modes:
+    if torch.cuda.get_device_capability() == (9, 0):
+        wgmma_modes = {m.value for m in dispatch.SM90_MODES}  # int8_fp8 and int8_int8
+        for mode in (m for m in modes if m in wgmma_modes):
 
-        def mma_sync(q, k, v, c):
-            with dispatch.prefer_family("sm80"):
-                return comfy_sage.sageattn(q, k, v, is_causal=c, mode="int8_fp8")
+            def mma_sync(q, k, v, c, m=mode):
+                with dispatch.prefer_family("sm80"):
+                    return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
 
-        impls["comfy_sage int8_fp8 mma.sync"] = mma_sync
+            impls[f"comfy_sage {mode} mma.sync"] = mma_sync
 
     def sdpa(backend):
         def run(q, k, v, c):

@@ -72,6 +72,7 @@ MODE_CHOICES: dict[str, Mode] = {
     "int8+fp8": Mode.INT8_FP8,
     "int4+fp8": Mode.INT4_FP8,
     "int8+fp16": Mode.INT8_FP16,
+    "int8+int8": Mode.INT8_INT8,
     "off (PyTorch)": Mode.SDPA,
 }
 EDGE_MODE_CHOICES: dict[str, Mode] = {"int8+fp16": Mode.INT8_FP16, "off (PyTorch)": Mode.SDPA}
@@ -499,6 +500,8 @@ MODE_TOOLTIP = (
     "int4+fp8: native on sm_89 (RTX 40, L40) only; fastest there, lossiest (video first). Runs as the "
     "nearest 8-bit mode elsewhere.\n"
     "int8+fp16: native on any sm_80+ GPU (RTX 30 and newer, A100); the most accurate quantized mode.\n"
+    "int8+int8: native on any sm_80+ GPU (RTX 30 and newer, A100, H100/H200); INT8 P·V with exact integer "
+    "sums: more accurate than int8+fp8, a little slower than it on H100.\n"
     "off (PyTorch): ComfyUI's PyTorch attention, no quantization.\n"
     "Whatever a GPU cannot run natively runs the nearest mode it can; anything no kernel runs (head dim, "
     "mask, no CUDA) runs PyTorch attention, with one log line saying why."

@@ -111,6 +111,30 @@ def test_demo_mode_is_case_insensitive(capsys, fresh_state):
     assert "mode='sdpa'" in capsys.readouterr().out
 
 
+def test_demo_compares_the_three_8bit_pv_modes(capsys, fresh_state):
+    argv = ["demo", "--seq", "32", "--heads", "1", "--head-dim", "32", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for mode in ("int8_fp8", "int8_int8", "int8_fp16"):
+        assert f"reference {mode} " in out
+
+
+def test_accuracy_reports_every_quantized_mode(capsys, fresh_state):
+    argv = ["accuracy", "--seq", "64", "--heads", "1", "--head-dim", "32", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| normal")]
+    assert [r[1] for r in rows[::4]] == [m.value for m in QUANTIZED_MODES]
+
+
+def test_bench_defaults_to_the_three_8bit_pv_modes(monkeypatch):
+    from comfy_sage import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda modes, shapes, **kwargs: seen.update(modes=modes, shapes=shapes))
+    assert cli.main(["bench"]) == 0
+    assert seen == {"modes": ["int8_fp8", "int8_int8", "int8_fp16"], "shapes": list(bench.SHAPES)}
+
+
 @pytest.mark.parametrize("argv", [["frobnicate"], ["demo", "--mode", "int3"], ["doctor", "--jsn"]])
 def test_usage_errors_exit_2_with_a_message(argv, capsys):
     # A usage error is argparse's message and exit status 2, not a traceback.

@@ -262,7 +262,7 @@ def measure_kernels(torch, comfyui, make_specs, patch, forward, run_sampler) -> 
         for name, spec in bf16.items():
             stock32, stock16 = forward(ref[name]["model"], ref[name]), forward(spec["model"], spec)
             m = out[name] = {"bf16_stock_rel_fp32": rel(stock16, stock32)}
-            for mode in ("auto", "int8+fp8", "int8+fp16", "int4+fp8", "off (PyTorch)"):
+            for mode in ("auto", "int8+fp8", "int8+fp16", "int4+fp8", "int8+int8", "off (PyTorch)"):
                 calls[0] = 0
                 patched = patch(spec["model"], mode=mode, edge_steps=0, edge_mode="int8+fp16", nonfinite_guard=True)
                 o = forward(patched, spec)

@@ -19,7 +19,7 @@ from conftest import REPO, make_model
 from comfy_sage import comfyui
 from comfy_sage.modes import Mode
 
-PINNED_MODES = ["auto", "int8+fp8", "int4+fp8", "int8+fp16", "off (PyTorch)"]
+PINNED_MODES = ["auto", "int8+fp8", "int4+fp8", "int8+fp16", "int8+int8", "off (PyTorch)"]
 PINNED_INPUTS = ["model", "mode", "edge_steps", "edge_mode", "nonfinite_guard"]
 
 
@@ -31,7 +31,8 @@ def test_pinned_ids_names_and_options():
     assert list(comfyui.MODE_CHOICES) == PINNED_MODES
     assert list(comfyui.EDGE_MODE_CHOICES) == ["int8+fp16", "off (PyTorch)"]
     assert [s.name for s in comfyui.PATCH_INPUTS] == PINNED_INPUTS
-    assert list(comfyui.MODE_CHOICES.values()) == [Mode.AUTO, Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.SDPA]
+    enums = [Mode.AUTO, Mode.INT8_FP8, Mode.INT4_FP8, Mode.INT8_FP16, Mode.INT8_INT8, Mode.SDPA]
+    assert list(comfyui.MODE_CHOICES.values()) == enums
 
 
 def test_mode_tooltip_names_the_gpus_of_each_mode():

@@ -113,7 +113,8 @@ def test_object_info_lists_the_nodes_with_their_options(server):
     assert info["output"] == ["MODEL"]
     required = info["input"]["required"]
     assert list(required) == ["model", "mode", "edge_steps", "edge_mode", "nonfinite_guard"]
-    assert _combo_options(required["mode"]) == ["auto", "int8+fp8", "int4+fp8", "int8+fp16", "off (PyTorch)"]
+    modes = ["auto", "int8+fp8", "int4+fp8", "int8+fp16", "int8+int8", "off (PyTorch)"]
+    assert _combo_options(required["mode"]) == modes
     assert _combo_options(required["edge_mode"]) == ["int8+fp16", "off (PyTorch)"]
     assert "RTX 40" in required["mode"][1]["tooltip"]
     info_node = _get(f"{server}/object_info/{comfyui.INFO_NODE_ID}")[comfyui.INFO_NODE_ID]
@@ -211,7 +212,7 @@ def test_real_models_through_the_kernels_on_a_gpu(model_results, model):
     gpu = model_results["cuda"]
     assert gpu["kernels_loaded"], gpu["kernels_reason"]
     m, calls = gpu[model], model_results[model]["fallback_calls"]
-    for mode in ("auto", "int8+fp8", "int8+fp16", "int4+fp8"):
+    for mode in ("auto", "int8+fp8", "int8+fp16", "int4+fp8", "int8+int8"):
         r = m[mode]
         assert r["finite"] and r["fallbacks"] == [] and r["kernel_calls"] == calls, (mode, r)
         assert r["rel_fp32"] <= 1.5 * m["bf16_stock_rel_fp32"] + 5e-3, (mode, r)
