@@ -493,15 +493,15 @@ class InputSpec:
 
 MODE_TOOLTIP = (
     "Precision of the two attention matmuls (Q·Kᵀ + P·V).\n"
-    "auto: the fastest accurate mode this GPU runs: int8+fp8 on RTX 40/50, L40 and H100/H200; int8+fp16 on "
-    "RTX 30 and A100; PyTorch elsewhere.\n"
+    "auto: the fastest accurate mode this GPU runs: int8+fp8 on H100/H200; int8+int8 on RTX 30/40/50, A100 "
+    "and L40; PyTorch elsewhere.\n"
     "int8+fp8: native on sm_89/90/120 (RTX 40, H100/H200, RTX 50); the fastest 8-bit mode, FP8 P·V costs a "
     "little accuracy. Runs as int8+fp16 on RTX 30/A100.\n"
     "int4+fp8: native on sm_89 (RTX 40, L40) only; fastest there, lossiest (video first). Runs as the "
     "nearest 8-bit mode elsewhere.\n"
     "int8+fp16: native on any sm_80+ GPU (RTX 30 and newer, A100); the most accurate quantized mode.\n"
     "int8+int8: native on any sm_80+ GPU (RTX 30 and newer, A100, H100/H200); INT8 P·V with exact integer "
-    "sums: more accurate than int8+fp8, a little slower than it on H100.\n"
+    "sums: more accurate than int8+fp8, faster than int8+fp16, a little slower than int8+fp8 on H100.\n"
     "off (PyTorch): ComfyUI's PyTorch attention, no quantization.\n"
     "Whatever a GPU cannot run natively runs the nearest mode it can; anything no kernel runs (head dim, "
     "mask, no CUDA) runs PyTorch attention, with one log line saying why."

@@ -169,5 +169,5 @@ def test_doctor_names_the_kernel_family(monkeypatch):
     finally:
         dispatch.clear_cache()
     assert doctor.describe(wgmma) == "int8_fp8 (wgmma kernel)"
-    assert doctor.describe(wide) == "int8_fp16 (mma.sync kernel)"
+    assert doctor.describe(wide) == "int8_int8 (mma.sync kernel)"
     assert doctor.describe(cpu).startswith("sdpa (")

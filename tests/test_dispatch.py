@@ -46,12 +46,12 @@ def plan(mode="auto", head_dim=128, dtype=torch.bfloat16, has_mask=False, device
 @pytest.mark.parametrize(
     "cc, expected",
     [
-        ((8, 0), Mode.INT8_FP16),
-        ((8, 6), Mode.INT8_FP16),
-        ((8, 7), Mode.INT8_FP16),
-        ((8, 9), Mode.INT8_FP8),
-        ((10, 0), Mode.INT8_FP8),
-        ((12, 0), Mode.INT8_FP8),
+        ((8, 0), Mode.INT8_INT8),
+        ((8, 6), Mode.INT8_INT8),
+        ((8, 7), Mode.INT8_INT8),
+        ((8, 9), Mode.INT8_INT8),
+        ((10, 0), Mode.INT8_INT8),
+        ((12, 0), Mode.INT8_INT8),
     ],
 )
 def test_auto_per_gpu(gpu, cc, expected):
@@ -73,19 +73,20 @@ def test_auto_on_hopper_is_the_wgmma_kernel(gpu):
 
 
 @pytest.mark.parametrize("head_dim", [160, 256])
-def test_auto_on_hopper_beyond_the_wgmma_head_dims_is_int8_fp16(gpu, head_dim):
-    """mma.sync FP8 is FP16 HMMA plus conversions on Hopper: where wgmma can't run, FP16 P·V is faster."""
+def test_auto_on_hopper_beyond_the_wgmma_head_dims_is_int8_int8(gpu, head_dim):
+    """mma.sync FP8 is FP16 HMMA plus conversions on Hopper, INT8 is native: where wgmma can't run, INT8 P·V is
+    the fastest mma.sync mode there."""
     gpu((9, 0))
     p = plan("auto", head_dim=head_dim)
-    assert p.mode is Mode.INT8_FP16 and p.kernel.family == "sm80" and p.kernel.tiling == SM80_WIDE
+    assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80" and p.kernel.tiling == SM80_WIDE
 
 
-def test_auto_on_hopper_without_wgmma_code_is_int8_fp16(gpu, monkeypatch):
+def test_auto_on_hopper_without_wgmma_code_is_int8_int8(gpu, monkeypatch):
     gpu((9, 0))
     monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": family == "sm80")
     dispatch.clear_cache()
     p = plan("auto")
-    assert p.mode is Mode.INT8_FP16 and p.kernel.family == "sm80"
+    assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80"
 
 
 @pytest.mark.parametrize("cc", [(7, 5), (7, 0), (6, 1)])
@@ -181,7 +182,7 @@ def test_mask_falls_back(gpu, mode):
     gpu((8, 9))
     p = plan(mode, has_mask=True)
     assert p.fallback
-    asked = "int8_fp8" if mode == "auto" else mode  # "auto" names the mode it picked
+    asked = "int8_int8" if mode == "auto" else mode  # "auto" names the mode it picked
     assert p.reason == f"{asked} falls back to PyTorch attention: attn_mask is not supported by the kernels"
 
 
@@ -190,7 +191,7 @@ def test_head_dims_outside_the_range_fall_back(gpu, head_dim):
     gpu((8, 9))
     p = plan("auto", head_dim=head_dim)
     assert p.fallback and p.mode is Mode.SDPA
-    assert p.reason.startswith(f"int8_fp8 falls back to PyTorch attention: head_dim {head_dim} ")
+    assert p.reason.startswith(f"int8_int8 falls back to PyTorch attention: head_dim {head_dim} ")
 
 
 @pytest.mark.parametrize("head_dim", [32, 40, 64, 80, 96, 128])
@@ -228,7 +229,7 @@ def test_kernels_not_loaded_fall_back_with_the_load_reason(gpu, mode):
     gpu((8, 9), NOT_LOADED)
     p = plan(mode)
     assert p.fallback and p.mode is Mode.SDPA
-    asked = "int8_fp8" if mode == "auto" else mode
+    asked = "int8_int8" if mode == "auto" else mode
     assert p.reason == f"{asked} falls back to PyTorch attention: {NOT_LOADED.reason}"
 
 
@@ -293,9 +294,9 @@ def test_plan_of_an_indexed_device_is_one_lookup(gpu, monkeypatch):
 def test_plan_of_the_current_device_follows_it(gpu, monkeypatch):
     """`torch.device("cuda")` means whichever GPU is current, so its plan is not cached by the device."""
     gpu((8, 0))
-    assert plan("auto").mode is Mode.INT8_FP16
-    monkeypatch.setattr(capability, "device_capability", lambda device: (8, 9))  # an sm_89 made current
-    assert plan("auto").mode is Mode.INT8_FP8
+    assert plan("auto").mode is Mode.INT8_INT8
+    monkeypatch.setattr(capability, "device_capability", lambda device: (7, 5))  # an sm_75 made current
+    assert plan("auto").fallback
 
 
 def test_tiling_follows_the_head_dim(gpu):
@@ -310,11 +311,12 @@ def test_hopper_families(gpu):
     assert kernel.family == "sm90" and kernel.tiling == SM90
     assert plan("int8_fp8", head_dim=40).kernel.family == "sm90"  # padded to 64
     assert plan("int8_fp8", head_dim=160).kernel.family == "sm80"  # wgmma: head dims up to 128
-    assert plan("int8_fp16").kernel.family == "sm80"  # the wgmma kernel is INT8+FP8 only
+    assert plan("int8_fp16").kernel.family == "sm80"  # the wgmma kernel is INT8+FP8 and INT8+INT8 only
+    assert plan("int8_int8").kernel.family == "sm90" and plan("int8_int8", head_dim=256).kernel.family == "sm80"
     with dispatch.prefer_family("sm80"):
         p = plan("int8_fp8")
         assert p.kernel.family == "sm80" and p.kernel.tiling == SM80
-        assert plan("auto").mode is Mode.INT8_FP16  # auto without wgmma on Hopper
+        assert plan("auto").mode is Mode.INT8_INT8  # auto without wgmma on Hopper
     assert plan("int8_fp8").kernel.family == "sm90"
     with dispatch.prefer_family("sm90"):
         p = plan("int8_fp16")

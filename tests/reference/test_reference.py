@@ -196,7 +196,7 @@ def test_causal(mode: str, seq_q: int, seq_kv: int) -> None:
         # With N_q ≥ N_kv the first row that sees anything sees key 0 only: its output is V[0], exact with
         # FP16 V, within e4m3's rounding (2^-4 relative, 2^-9 of the channel's scale when subnormal) with FP8,
         # within half an INT8 step of the channel plus P̃'s rounding with INT8 (P̃ ≥ p_max / 2 under the integer row
-        # max, so 2^-8 relative).
+        # max, so 2^-8 relative) plus the output's own rounding (half a bf16 step, 2^-8 relative at most).
         if seq_kv > seq_q:
             continue
         first, v0 = out[:, :, blind].float(), v[:, :, 0].float()
@@ -204,7 +204,7 @@ def test_causal(mode: str, seq_q: int, seq_kv: int) -> None:
             assert torch.equal(first, v0), what
         elif mode.endswith("int8"):
             step = v.float().abs().amax(2) / 127
-            assert ((first - v0).abs() <= step * 0.51 + v0.abs() * 2**-8 * 1.01).all(), what
+            assert ((first - v0).abs() <= step * 0.51 + v0.abs() * 2**-8 * 1.01 + first.abs() * 2**-8).all(), what
         else:
             channel_scale = v.float().abs().amax(2) / 448
             assert ((first - v0).abs() <= v0.abs() * (2**-4 + 2**-8) + channel_scale * 2**-9).all(), what
