@@ -13,6 +13,8 @@
 // Rounding matches comfy_sage/reference/quant.py: x_q = rint(x · (127 / amax)), scale = amax / 127.
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "../attention/params.h"
 #include "../common/constants.cuh"
 #include "../common/ptx.cuh"
@@ -202,37 +204,45 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
     // as 8 words; a warp's 32 items (q, group) of one channel vector store 128 contiguous bytes per channel.
     constexpr int kGroups = kBlockK / 16, kItems = kBlockK / 4 * kVecs;
     const float* v_amax = a.buf.v_amax + bh * s.padded_dim;
-    const bool int8 = a.pv == PvType::kInt8;
-    for (int item = threadIdx.x; item < kItems; item += kThreads) {
-      const int q = item % 4, grp = (item / 4) % kGroups, cv = item / (4 * kGroups), c = cv * 8;
-      const int toks[4] = {2 * q, 2 * q + 1, 8 + 2 * q, 9 + 2 * q};
-      float y[4][8];
+    // The byte format a compile-time choice (`int8`: std::true_type for INT8, std::false_type for FP8), so the
+    // loop holds no branch on it (one made ptxas spill on sm_80/86 at head dim 256).
+    auto write_v = [&](auto int8) {
+      constexpr bool kInt8 = decltype(int8)::value;
+      for (int item = threadIdx.x; item < kItems; item += kThreads) {
+        const int q = item % 4, grp = (item / 4) % kGroups, cv = item / (4 * kGroups), c = cv * 8;
+        const int toks[4] = {2 * q, 2 * q + 1, 8 + 2 * q, 9 + 2 * q};
+        float y[4][8];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int t = t0 + 16 * grp + toks[k];
-        if (t < s.seq_kv && c < s.head_dim) {
-          load8(y[k], v_head + static_cast<int64_t>(t) * a.v.token_stride + c);
-        } else {
+        for (int k = 0; k < 4; ++k) {
+          const int t = t0 + 16 * grp + toks[k];
+          if (t < s.seq_kv && c < s.head_dim) {
+            load8(y[k], v_head + static_cast<int64_t>(t) * a.v.token_stride + c);
+          } else {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) y[k][e] = 0.f;
+            for (int e = 0; e < 8; ++e) y[k][e] = 0.f;
+          }
+        }
+        uint8_t* dst = static_cast<uint8_t*>(a.buf.v) + (static_cast<int64_t>(bh) * kDim + c) * s.padded_kv + t0 +
+                       16 * grp + 4 * q;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float inv = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, kInt8 ? kInt8Max : kFp8Max);
+          uint32_t word = 0u;
+          if constexpr (kInt8) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) word |= static_cast<uint32_t>(quantize<127>(y[k][e], inv) & 0xff) << (8 * k);
+          } else {
+            word = pack_e4m3x2(y[0][e] * inv, y[1][e] * inv) |
+                   (static_cast<uint32_t>(pack_e4m3x2(y[2][e] * inv, y[3][e] * inv)) << 16);
+          }
+          *reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(e) * s.padded_kv) = word;
         }
       }
-      uint8_t* dst = static_cast<uint8_t*>(a.buf.v) + (static_cast<int64_t>(bh) * kDim + c) * s.padded_kv + t0 +
-                     16 * grp + 4 * q;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float inv = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, int8 ? kInt8Max : kFp8Max);
-        uint32_t word;
-        if (int8) {
-          word = 0u;
-#pragma unroll
-          for (int k = 0; k < 4; ++k) word |= static_cast<uint32_t>(quantize<127>(y[k][e], inv) & 0xff) << (8 * k);
-        } else {
-          word = pack_e4m3x2(y[0][e] * inv, y[1][e] * inv) |
-                 (static_cast<uint32_t>(pack_e4m3x2(y[2][e] * inv, y[3][e] * inv)) << 16);
-        }
-        *reinterpret_cast<uint32_t*>(dst + static_cast<int64_t>(e) * s.padded_kv) = word;
-      }
+    };
+    if (a.pv == PvType::kInt8) {
+      write_v(std::true_type{});
+    } else {
+      write_v(std::false_type{});
     }
   } else {  // FP16 V, row-major
 #pragma unroll
