@@ -24,12 +24,15 @@ class Tiling:
     block_k: keys per K block; the unit of K scales (4 per block), of the online-softmax step and of the
              two-level P·V accumulation (a fresh accumulator per block, added into fp32).
     pv_k:    keys per P·V tensor-core instruction; an emulated FP22 accumulator rounds after each.
+    int8_p_via_fp16: how INT8 P·V rounds P̃ to its integers: through fp16 first (the mma.sync kernels' packing)
+             or directly (the wgmma kernel's); see `comfy_sage.reference.quant.round_p_int8`.
     """
 
     block_q: int
     warp_q: int
     block_k: int
     pv_k: int = 32
+    int8_p_via_fp16: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_q", "warp_q", "block_k", "pv_k"):
@@ -49,7 +52,7 @@ SM80_WIDE = Tiling(block_q=64, warp_q=16, block_k=64)
 # wgmma family (csrc/attention/params.h kSm90BlockK): warpgroups of 4 warps × 16 rows, 128 keys per step.
 # Its CTAs hold 192 Q rows (three consumer warpgroups), but it runs INT8 only, without Q smoothing, so no
 # quantization depends on block_q: 128 keeps the reference's Q-smoothing unit a power of two.
-SM90 = Tiling(block_q=128, warp_q=16, block_k=128)
+SM90 = Tiling(block_q=128, warp_q=16, block_k=128, int8_p_via_fp16=False)
 
 
 def sm80_tiling(head_dim: int) -> Tiling:

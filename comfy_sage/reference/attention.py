@@ -194,7 +194,7 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
             l = l * alpha + p.sum(-1)  # noqa: E741
             if int8_pv:  # exact in float64: |acc| < 2^31
                 shift = (m_new - m).nan_to_num(31.0).clamp(max=31.0)  # m_old = -inf: acc is 0, any shift
-                p_hat = round_p_int8(p).double()
+                p_hat = round_p_int8(p, tiling.int8_p_via_fp16).double()
                 acc = torch.floor(acc * torch.exp2(-shift.double())[..., None]) + p_hat @ v_hat[:, :, c0:c1].double()
             else:
                 p_hat = to_e4m3(p) if fp8 else p.to(torch.float16).to(torch.float32)

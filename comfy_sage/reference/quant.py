@@ -9,8 +9,8 @@ Rules shared with the kernels (csrc/quant):
   qmax / amax overflows to inf (amax below ~1e-36; 0 · inf would be NaN, and the kernels must not give NaN);
 - V in FP8 e4m3 per channel: scale = amax / 448, v̂ = e4m3_rn(clamp(v · (448 / amax), ±448)), zeros kept;
 - V in INT8 per channel (INT8 P·V): scale = amax / 127, v̂ = round_half_even(v · (127 / amax)), zeros kept;
-  P̃ in [0, p_max] to unsigned integers as the kernels round it: to float16 (nearest even), then to the
-  nearest even integer (`round_p_int8`).
+  P̃ in [0, p_max] to unsigned integers as the kernels round it: to the nearest integer (ties to even), by
+  the wgmma kernel directly and by the mma.sync kernels through float16 first (`round_p_int8`).
 """
 
 from __future__ import annotations
@@ -104,9 +104,10 @@ def int8_p_max(seq_kv: int) -> int:
     return max(1, min(INT8_P_MAX, INT8_PV_BUDGET // (INT_MAX[8] * max(seq_kv, 1))))
 
 
-def round_p_int8(p: torch.Tensor) -> torch.Tensor:
-    """P̃ in [0, p_max] to integers as the kernels do: float16 (nearest even), then nearest even integer."""
-    return torch.round(p.to(torch.float16).to(torch.float32))
+def round_p_int8(p: torch.Tensor, via_fp16: bool) -> torch.Tensor:
+    """P̃ in [0, p_max] to integers: the nearest one (ties to even), of P̃ itself or (`via_fp16`, the mma.sync
+    kernels' packing) of P̃ rounded to float16 first."""
+    return torch.round(p.to(torch.float16).to(torch.float32) if via_fp16 else p)
 
 
 def truncate_fp22(x: torch.Tensor) -> torch.Tensor:

@@ -101,10 +101,24 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// Four floats in [0, 255] to unsigned bytes x0 (bits 0-7) .. x3, rounded as the reference does: to fp16
-// (nearest even), then + 1024 in fp16, which rounds to an integer (fp16's step is 1 in [1024, 2048)) and
-// leaves it in the low byte; one byte permute gathers the four. 5 instructions per 4 values.
+// Four floats in [0, 255] to unsigned bytes x0 (bits 0-7) .. x3, rounded to the nearest integer (ties to even)
+// and saturated: cvt.pack.sat takes two rounded ints and the word to merge into, d = {b, a, c[15:0]} bytewise.
+// On sm_90 ptxas fuses each rounding pair and pack into one F2IP (2 instructions per 4 values, as the FP8
+// packing); before sm_90 the roundings are F2I on the special-function unit, which the exponentials need,
+// so the mma.sync kernels use pack_u8x4_via_f16 instead.
 __device__ __forceinline__ uint32_t pack_u8x4(float x0, float x1, float x2, float x3) {
+  uint32_t hi, r;
+  asm("cvt.pack.sat.u8.s32.b32 %0, %1, %2, 0;\n" : "=r"(hi) : "r"(__float2int_rn(x3)), "r"(__float2int_rn(x2)));
+  asm("cvt.pack.sat.u8.s32.b32 %0, %1, %2, %3;\n"
+      : "=r"(r)
+      : "r"(__float2int_rn(x1)), "r"(__float2int_rn(x0)), "r"(hi));
+  return r;
+}
+// The same bytes through fp16 (comfy_sage/reference/quant.py round_p_int8 with via_fp16): each value to fp16
+// (nearest even), then + 1024 in fp16, which rounds to an integer (fp16's step is 1 in [1024, 2048)) and leaves
+// it in the low byte; one byte permute gathers the four. 5 instructions per 4 values, none on the
+// special-function unit.
+__device__ __forceinline__ uint32_t pack_u8x4_via_f16(float x0, float x1, float x2, float x3) {
   const __half2 magic = __halves2half2(__ushort_as_half(0x6400), __ushort_as_half(0x6400));  // 1024, 1024
   const __half2 lo = __hadd2(__floats2half2_rn(x0, x1), magic), hi = __hadd2(__floats2half2_rn(x2, x3), magic);
   return __byte_perm(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi), 0x6420);

@@ -185,13 +185,6 @@ __device__ __forceinline__ void wgmma_m64n64k32_e4m3_rs(float (&d)[32], const ui
                : COMFY_SAGE_D32("+f", d)
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
-__device__ __forceinline__ void wgmma_m64n64k32_u8s8_rs(int32_t (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
-                                                         int accumulate) {
-  asm volatile(COMFY_SAGE_PRED(37) "wgmma.mma_async.sync.aligned.m64n64k32.s32.u8.s8 " COMFY_SAGE_LIST32
-                                   ", {%32, %33, %34, %35}, %36, p;\n}\n"
-               : COMFY_SAGE_D32("+r", d)
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
-}
 
 #undef COMFY_SAGE_D8
 #undef COMFY_SAGE_D32

@@ -325,7 +325,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_att
         for (int r = 0; r < 4; ++r) {  // a0: tiles 4c,4c+1 row g; a1: row g+8; a2, a3: tiles 4c+2, 4c+3
           const int n = 4 * c + 2 * (r >> 1), e = 2 * (r & 1);
           if constexpr (kIntPv) {
-            pa[c][r] = pack_u8x4(sf[n][e], sf[n][e + 1], sf[n + 1][e], sf[n + 1][e + 1]);
+            pa[c][r] = pack_u8x4_via_f16(sf[n][e], sf[n][e + 1], sf[n + 1][e], sf[n + 1][e + 1]);
           } else {
             pa[c][r] = pack_e4m3x2(sf[n][e], sf[n][e + 1]) |
                        (static_cast<uint32_t>(pack_e4m3x2(sf[n + 1][e], sf[n + 1][e + 1])) << 16);

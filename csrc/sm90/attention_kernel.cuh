@@ -116,9 +116,10 @@ struct Sm90Traits {
   // few values in the K loop, and still gain 4-6% (g6).
   static constexpr int kProducerRegs = 24, kConsumerRegs = kDim == 64 ? 112 : 160;
   // P̃ straight from registers as P̃·V's A operand instead of through shared memory: no stores, fence or
-  // barrier per block. At head dim 64 only (the registers are there), and only in the plain instantiation:
-  // the split one measured 11% slower with it (docs/hopper-notes.md, g10).
-  static constexpr bool kPRegs = kDim == 64;
+  // barrier per block. At head dim 64 only (the registers are there), with FP8 P·V only (INT8's conversions
+  // then spill and run 20% slower, i5), and only in the plain instantiation: the split one measured 11% slower
+  // with it (docs/hopper-notes.md, g10).
+  static constexpr bool kPRegs = kDim == 64 && !kIntPv;
   // The consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a ring): each issues
   // one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then hands over and runs
   // its softmax while the next consumer's matrices run. Left alone, the consumers drift into step and wait on
@@ -249,9 +250,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
       const int accumulate = kIntPv && Tr::kIntInPlace ? 1 : j;
-      if constexpr (Tr::kPRegs && !kSplit && kIntPv) {
-        wgmma_m64n64k32_u8s8_rs(blk, pw[j], desc_v + 2 * j, accumulate);
-      } else if constexpr (Tr::kPRegs && !kSplit) {
+      if constexpr (Tr::kPRegs && !kSplit) {  // FP8 only
         wgmma_m64n64k32_e4m3_rs(blk, pw[j], desc_v + 2 * j, accumulate);
       } else if constexpr (kDim == 128 && kIntPv) {
         wgmma_m64n128k32_u8s8_ss(blk, desc_p + 2 * j, desc_v + 2 * j, accumulate);

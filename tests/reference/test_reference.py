@@ -325,6 +325,15 @@ def test_int8_p_max_keeps_the_int32_accumulator_in_range() -> None:
         assert 1 <= p_max <= 255 and p_max * quant.INT_MAX[8] * n <= quant.INT8_PV_BUDGET < 2**31, n
 
 
+def test_int8_p_rounding_per_kernel_family() -> None:
+    """The wgmma kernel rounds P̃ to its integer directly, the mma.sync kernels through float16 first: the two
+    differ where float16 lands on a tie (201.46 is 201.5 in float16, which rounds to even)."""
+    p = torch.tensor([0.0, 2.5, 3.5, 201.46, 254.6, 255.0])
+    assert quant.round_p_int8(p, via_fp16=False).tolist() == [0, 2, 4, 201, 255, 255]
+    assert quant.round_p_int8(p, via_fp16=True).tolist() == [0, 2, 4, 202, 255, 255]
+    assert SM80.int8_p_via_fp16 and not SM90.int8_p_via_fp16
+
+
 def test_int8_pv_worst_case_accumulator() -> None:
     """Every key weighs the same and every V value is at its channel's maximum: the int32 row accumulator
     reaches p_max · 127 · N_kv, its largest possible value, and the output is still exact."""
