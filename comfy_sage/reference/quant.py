@@ -93,10 +93,11 @@ def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_v_int8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel INT8 V: (integer values as float32 [B, H, N, D], scale [B, H, 1, D])."""
-    amax = v.abs().amax(-2, keepdim=True)
-    inv = torch.where(amax > 0, INT_MAX[8] / amax, torch.zeros_like(amax))
-    return _keep_zeros(v, torch.round(v * inv).clamp_(-INT_MAX[8], INT_MAX[8])), amax / INT_MAX[8]
+    """Per-channel INT8 V: (integer values as float32 [B, H, N, D], scale [B, H, 1, D]); `quantize_int` with
+    each channel its own group."""
+    channels = torch.arange(v.shape[-1], device=v.device)
+    v_int, scale = quantize_int(v.transpose(-1, -2), 8, channels)
+    return v_int.transpose(-1, -2), scale.unsqueeze(-2)
 
 
 def int8_p_max(seq_kv: int) -> int:

@@ -9,12 +9,21 @@
 
 #include "../common/constants.cuh"
 #include "../common/ptx.cuh"
+#include "params.h"
 
 namespace comfy_sage {
 
 // kIntegerMax (INT8 P·V): the running max is rounded up to an integer, so that alpha is 2^-shift and the
 // int32 O accumulator rescales by an arithmetic right shift (the reference's floor; shift capped at 31, which
 // leaves 0 or -1 of any |O| < 2^31, as does the floor of O · 2^-k for every k ≥ 31).
+// The offset every exponent gets, so that P̃ = exp2(S − m + offset) lands in [0, 448] for FP8 P·V, in
+// [0, p_max] for INT8 (int8_p_max) and in [0, 1] for FP16.
+template <PvType kPv>
+__device__ __forceinline__ float p_exp_offset(const Shape& s) {
+  if constexpr (kPv == PvType::kInt8) return log2f(static_cast<float>(int8_p_max(s.seq_kv)));
+  return kPv == PvType::kFp8 ? kLog2Fp8Max : 0.f;
+}
+
 template <int kTiles, bool kIntegerMax = false>
 struct OnlineSoftmax {
   static constexpr int kWays = kTiles >= 2 ? 2 : kTiles;  // independent chains in the row max and sum

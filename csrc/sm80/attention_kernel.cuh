@@ -193,9 +193,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_att
   float o[Tr::kOTiles][4] = {};
   int32_t oi[kIntPv ? Tr::kOTiles : 1][4] = {};  // INT8 P·V: the exact int32 O, whole rows
   OnlineSoftmax<Tr::kSTiles, kIntPv> softmax;
-  // P̃ = exp2(S − m + offset) lands in [0, 448] (FP8), [0, p_max] (INT8) or [0, 1] (FP16).
-  const float exp_offset = kIntPv ? log2f(static_cast<float>(int8_p_max(s.seq_kv)))
-                                  : kPv == PvType::kFp8 ? kLog2Fp8Max : 0.f;
+  const float exp_offset = p_exp_offset<kPv>(s);
   const uint32_t q_frag = smem_addr(s_q + (warp * Tr::kWarpQ + (lane & 15)) * Tr::kQkRow + (lane >> 4) * 16);
   // kLean: the lane's part of the K and V fragment addresses, so that each ldmatrix below is the stage's
   // base plus a constant. Written from the generic pointers, the addresses cost a register per n-tile or

@@ -268,8 +268,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
   // (row max, exponentials, row sums; softmax.alpha rescales o in add_block); sf then holds P̃ in fp32.
   // (`masked`: std::true_type for blocks with padded or causally hidden keys, std::false_type otherwise, so
   // each loop body is straight-line code: ptxas tracks in-flight wgmma registers only within one.)
-  // P̃ = exp2(S − m + exp_offset) lands in [0, 448] (FP8) or [0, p_max] (INT8).
-  const float exp_offset = kIntPv ? log2f(static_cast<float>(int8_p_max(s.seq_kv))) : kLog2Fp8Max;
+  const float exp_offset = p_exp_offset<kPv>(s);
   auto softmax_step = [&](float (&sf)[Tr::kSTiles][4], const int32_t (&acc)[Tr::kSTiles * 4], int kb,
                           float k_scale, OnlineSoftmax<Tr::kSTiles, kIntPv>& softmax, auto masked) {
     const float scale = fmaxf(q_scale * k_scale, kMinScale);
@@ -342,6 +341,16 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
       for (int e = 0; e < 4; ++e) o[n][e] = fmaf(o[n][e], softmax.alpha[e >> 1], blk[4 * n + e]);
     }
   };
+  // This block's P̃·V into `acc` in this consumer's turn at the tensor cores, waited for; then the stage goes
+  // back to the producer.
+  auto pv_turn = [&](auto& acc, int stage, uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+    turn_wait();
+    issue_pv(acc, stage, pw);
+    wgmma_wait<0>();
+    if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
+    fence_registers(acc);
+    if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+  };
   // One K block: its Q·Kᵀ ends this consumer's turn (which began with the previous block's P̃·V, or before
   // the first block), its P̃·V begins the next turn.
   auto block = [&](int kb, auto masked) {
@@ -371,31 +380,16 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
 #pragma unroll
           for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = shift(i);
         }
-        turn_wait();
-        issue_pv(oi, stage, pw);
-        wgmma_wait<0>();
-        if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
-        fence_registers(oi);
-        if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+        pv_turn(oi, stage, pw);
       } else {
         int32_t blk[Tr::kOTiles * 4];
-        turn_wait();
-        issue_pv(blk, stage, pw);
-        wgmma_wait<0>();
-        if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
-        fence_registers(blk);
-        if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+        pv_turn(blk, stage, pw);
 #pragma unroll
         for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = shift(i) + blk[i];
       }
     } else {
       float blk[Tr::kOTiles * 4];
-      turn_wait();
-      issue_pv(blk, stage, pw);
-      wgmma_wait<0>();
-      if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
-      fence_registers(blk);
-      if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+      pv_turn(blk, stage, pw);
       add_block(blk);
     }
   };
