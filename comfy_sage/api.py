@@ -60,7 +60,7 @@ def sageattn(
 
 def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
     """Dispatch one validated call (`sizes` from `qkv_sizes`): (out in the caller's layout, LSE or None)."""
-    plan = dispatch.plan(mode, q.device, sizes[-1], q.dtype, attn_mask is not None)
+    plan = dispatch.plan(mode, q.device, sizes[-1], q.dtype, attn_mask is not None, sizes[4])
     if plan.reason:
         log_once(plan.reason)
     if plan.note:

@@ -32,6 +32,10 @@ NATIVE_HEAD_DIMS = (64, 128, 256)
 # head dims that are not a multiple of 8 fall back.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 HEAD_DIM_MULTIPLE = 8
+# INT8 P·V sums a whole row in int32 (reference/quant.py INT8_PV_BUDGET): past this many keys even p_max = 1
+# could overflow, and the binding refuses the call (csrc/attention/params.h kInt8PvMaxKeys), so `plan` moves
+# such calls to FP8 or FP16 P·V.
+INT8_PV_MAX_KEYS = (2**31 - 2**24) // 127
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -133,14 +137,17 @@ def plan(
     head_dim: int,
     dtype: torch.dtype,
     has_mask: bool,
+    seq_kv: int = 0,
 ) -> Plan:
-    """The plan for one call's static properties (cached; never reads tensor data)."""
-    key = (mode, device, head_dim, dtype, has_mask, _preferred_family)
+    """The plan for one call's static properties (cached; never reads tensor data). `seq_kv` matters only
+    past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow."""
+    long_rows = seq_kv > INT8_PV_MAX_KEYS
+    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows)
     found = _plans.get(key)
     if found is not None:
         return found
     cc = capability.device_capability(device)
-    found = _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family)
+    found = _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, long_rows)
     if device.index is not None or device.type != "cuda":  # "cuda" alone means the current device: it may change
         _plans[key] = found
     return found
@@ -156,6 +163,7 @@ def _plan(
     has_mask: bool,
     device_index: int | None = None,
     preferred_family: str | None = None,
+    long_rows: bool = False,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -196,6 +204,13 @@ def _plan(
     if requested is Mode.AUTO and hopper and not runs_wgmma(mode):
         mode = Mode.INT8_INT8  # FP8 P·V on Hopper pays only through the wgmma kernel
     mode, note = native_mode(mode, cc)
+    if long_rows and mode.pv == "int8":
+        mode, fp16_note = native_mode(mode.with_pv("fp8"), cc)
+        long_note = (
+            f"INT8 P·V sums a row in int32 and takes at most {INT8_PV_MAX_KEYS:,} keys, "
+            f"so longer rows run {mode.value}"
+        )
+        note = "; ".join(filter(None, (note, long_note, fp16_note)))
     if runs_wgmma(mode):
         return Plan(requested, mode, KernelSpec("sm90", mode, SM90), None, note)
     if hopper and preferred_family == "sm90":

@@ -154,6 +154,22 @@ def test_notes_are_logged_once(gen, fresh_state, caplog, monkeypatch):
     assert reasons(caplog) == ["a reason", note]
 
 
+def test_plan_sees_the_key_count(gen, fresh_state, monkeypatch):
+    # INT8 P·V changes plan past INT8_PV_MAX_KEYS keys, so the call hands the plan N_kv (not N_q).
+    seen = []
+    real = dispatch.plan
+
+    def spy(*args):
+        seen.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "plan", spy)
+    q, _, _ = small(gen)
+    k = torch.randn(q.shape[0], q.shape[1], 37, q.shape[3], generator=gen).to(q.dtype)
+    sageattn(q, k, k.clone(), mode="int8_int8")
+    assert seen and seen[-1][-1] == 37 != q.shape[2]
+
+
 def test_log_once_levels_and_return_value(fresh_state, caplog):
     caplog.set_level(logging.DEBUG, logger="comfy_sage")
     assert _log.log_once("hello") is True

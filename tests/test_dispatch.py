@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 from comfy_sage import capability, dispatch
 from comfy_sage.capability import KernelStatus
 from comfy_sage.modes import QUANTIZED_MODES, Mode
+from comfy_sage.reference import quant
 from comfy_sage.tiling import SM80, SM80_WIDE, SM90
 
 pytestmark = pytest.mark.usefixtures("fresh_state")
@@ -87,6 +90,45 @@ def test_auto_on_hopper_without_wgmma_code_is_int8_int8(gpu, monkeypatch):
     dispatch.clear_cache()
     p = plan("auto")
     assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80"
+
+
+LONG = dispatch.INT8_PV_MAX_KEYS + 1  # one key past what INT8 P·V's int32 row sums can take
+
+
+@pytest.mark.parametrize(
+    "cc, mode, head_dim, expected, family",
+    [
+        ((8, 9), "auto", 128, Mode.INT8_FP8, "sm80"),
+        ((12, 0), "int8_int8", 64, Mode.INT8_FP8, "sm80"),
+        ((8, 6), "auto", 128, Mode.INT8_FP16, "sm80"),  # no FP8 tensor cores: FP16 P·V
+        ((9, 0), "int8_int8", 128, Mode.INT8_FP8, "sm90"),
+        ((9, 0), "auto", 256, Mode.INT8_FP8, "sm80"),
+    ],
+)
+def test_rows_too_long_for_int8_pv_run_another_pv(gpu, cc, mode, head_dim, expected, family):
+    gpu(cc)
+    p = dispatch.plan(Mode.parse(mode), CUDA, head_dim, torch.bfloat16, False, LONG)
+    assert p.mode is expected and p.kernel.family == family and not p.fallback
+    assert f"takes at most {dispatch.INT8_PV_MAX_KEYS:,} keys, so longer rows run {expected.value}" in p.note
+    # At the limit itself INT8 P·V runs, and the two plans are cached apart.
+    at_limit = dispatch.plan(Mode.parse(mode), CUDA, head_dim, torch.bfloat16, False, LONG - 1)
+    assert at_limit.mode is Mode.INT8_INT8 and at_limit.note is None
+
+
+@pytest.mark.parametrize("mode", ["int8_fp8", "int8_fp16", "int4_fp8"])
+def test_long_rows_leave_other_pv_alone(gpu, mode):
+    gpu((8, 9))
+    assert dispatch.plan(Mode.parse(mode), CUDA, 128, torch.bfloat16, False, LONG) == plan(mode)
+
+
+def test_int8_pv_limit_is_the_bindings():
+    """INT8_PV_MAX_KEYS is csrc/attention/params.h kInt8PvMaxKeys (the binding refuses longer rows)."""
+    params = (Path(__file__).parents[1] / "csrc" / "attention" / "params.h").read_text()
+    budget = re.search(r"kInt8PvBudget = \(int64_t\{1\} << (\d+)\) - \(int64_t\{1\} << (\d+)\);", params)
+    assert budget and "kInt8PvMaxKeys = kInt8PvBudget / 127;" in params
+    assert dispatch.INT8_PV_MAX_KEYS == (2 ** int(budget[1]) - 2 ** int(budget[2])) // 127
+    assert dispatch.INT8_PV_MAX_KEYS == quant.INT8_PV_BUDGET // quant.INT_MAX[8]
+    assert quant.int8_p_max(dispatch.INT8_PV_MAX_KEYS) == 1
 
 
 @pytest.mark.parametrize("cc", [(7, 5), (7, 0), (6, 1)])
