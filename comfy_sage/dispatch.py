@@ -207,8 +207,7 @@ def _plan(
     if long_rows and mode.pv == "int8":
         mode, fp16_note = native_mode(mode.with_pv("fp8"), cc)
         long_note = (
-            f"INT8 P·V sums a row in int32 and takes at most {INT8_PV_MAX_KEYS:,} keys, "
-            f"so longer rows run {mode.value}"
+            f"INT8 P·V sums a row in int32 and takes at most {INT8_PV_MAX_KEYS:,} keys, so longer rows run {mode.value}"
         )
         note = "; ".join(filter(None, (note, long_note, fp16_note)))
     if runs_wgmma(mode):

@@ -126,8 +126,8 @@ def test_int8_pv_limit_is_the_bindings():
     params = (Path(__file__).parents[1] / "csrc" / "attention" / "params.h").read_text()
     budget = re.search(r"kInt8PvBudget = \(int64_t\{1\} << (\d+)\) - \(int64_t\{1\} << (\d+)\);", params)
     assert budget and "kInt8PvMaxKeys = kInt8PvBudget / 127;" in params
-    assert dispatch.INT8_PV_MAX_KEYS == (2 ** int(budget[1]) - 2 ** int(budget[2])) // 127
-    assert dispatch.INT8_PV_MAX_KEYS == quant.INT8_PV_BUDGET // quant.INT_MAX[8]
+    assert (2 ** int(budget[1]) - 2 ** int(budget[2])) // 127 == dispatch.INT8_PV_MAX_KEYS
+    assert quant.INT8_PV_BUDGET // quant.INT_MAX[8] == dispatch.INT8_PV_MAX_KEYS
     assert quant.int8_p_max(dispatch.INT8_PV_MAX_KEYS) == 1
 
 
