@@ -91,6 +91,22 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
             for name, out in rows:
                 acc = reference.accuracy(out, truth)
                 print(f"| {kind} | {mode.value} | {name} | {acc['cos_sim']:.5f} | {acc['rel_l1']:.4f} |")
+    # The floor each P·V pays for its number formats alone (exact Q·Kᵀ, row sums and accumulation).
+    g = torch.Generator().manual_seed(args.seed)
+    q, k, v = make_qkv(args.batch, args.heads, args.seq, args.head_dim, generator=g, device=device)
+    truth = reference.exact.attention(q, k, v)
+    print("\nP·V number formats alone (normal inputs; exact Q·Kᵀ, row sums and accumulation)")
+    print("| P̃ | V | cos sim | rel L1 |\n|---|---|---|---|")
+    for p_format, v_format in (
+        ("fp8", None),
+        (None, "fp8"),
+        ("fp8", "fp8"),
+        ("int8", None),
+        (None, "int8"),
+        ("int8", "int8"),
+    ):
+        acc = reference.accuracy(reference.exact.pv_formats(q, k, v, p_format, v_format), truth)
+        print(f"| {p_format or 'exact'} | {v_format or 'exact'} | {acc['cos_sim']:.5f} | {acc['rel_l1']:.4f} |")
     return 0
 
 

@@ -122,8 +122,15 @@ def test_demo_compares_the_three_8bit_pv_modes(capsys, fresh_state):
 def test_accuracy_reports_every_quantized_mode(capsys, fresh_state):
     argv = ["accuracy", "--seq", "64", "--heads", "1", "--head-dim", "32", "--device", "cpu"]
     assert cli.main(argv) == 0
-    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| normal")]
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| normal")]
     assert [r[1] for r in rows[::4]] == [m.value for m in QUANTIZED_MODES]
+    # Then what P·V's number formats alone cost: six rows (P̃ | V | cos sim | rel L1), each measured.
+    formats = [line.strip("| ").split(" | ") for line in out.split("P·V number formats alone")[1].splitlines()[3:]]
+    assert [(p, v) for p, v, *_ in formats] == [
+        ("fp8", "exact"), ("exact", "fp8"), ("fp8", "fp8"), ("int8", "exact"), ("exact", "int8"), ("int8", "int8")
+    ]  # fmt: skip
+    assert all(0.9 < float(cos) < 1 and 0 < float(l1) < 0.1 for _, _, cos, l1 in formats)
 
 
 def test_bench_defaults_to_the_three_8bit_pv_modes(monkeypatch):
