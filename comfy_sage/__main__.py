@@ -116,7 +116,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shapes = [s for s in bench.SHAPES if not args.only or any(o in s[-1] for o in args.only.split(","))]
     bench.run(
         args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json,
-        plot_path=args.plot,
+        plot_path=args.plot, timing=args.timing,
     )  # fmt: skip
     return 0
 
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_accuracy)
 
+    from .bench import TIMINGS
+
     p = sub.add_parser("bench", help="TOPS per shape for every implementation found (needs a GPU)")
     p.add_argument("--modes", default="int8_fp8,int8_int8,int8_fp16", help="comma-separated comfy_sage modes")
     p.add_argument("--warmup", type=int, default=5)
@@ -164,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.add_argument("--plot", default="bench.png", help="where to draw TOPS against N (needs matplotlib)")
     p.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
+    p.add_argument(
+        "--timing", default="queued", choices=TIMINGS,
+        help="queued: calls issued back to back, as in a model (default); single: each call synchronized, "
+        "so its host time counts too",
+    )  # fmt: skip
     p.set_defaults(func=cmd_bench)
 
     from .install import add_arguments as add_install_arguments

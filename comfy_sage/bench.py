@@ -1,8 +1,8 @@
 """`python -m comfy_sage bench`: TOPS per shape for every implementation found, as a table and JSON.
 
 Times what a user pays: one call on bf16 inputs, the implementation's own quantization included. CUDA
-events around each call, median of `repeat` calls after `warmup`. TOPS = 4·B·H·N²·D / time, halved
-when causal. Shapes are those of ../shared/design/ANCHORS.md.
+events around each call, median of `repeat` calls after `warmup` (`time_call` says how the calls are issued).
+TOPS = 4·B·H·N²·D / time, halved when causal. Shapes are those of ../shared/design/ANCHORS.md.
 """
 
 from __future__ import annotations
@@ -103,19 +103,33 @@ def _agrees_with_sdpa(fn: Callable, device: str = "cuda") -> bool:
     return out.shape == ref.shape and F.cosine_similarity(out.float().flatten(), ref.float().flatten(), 0) > 0.99
 
 
-def time_call(fn: Callable, args: tuple, warmup: int, repeat: int) -> float:
-    """Median seconds of one call `fn(*args)`."""
+TIMINGS = ("queued", "single")
+
+
+def time_call(fn: Callable, args: tuple, warmup: int, repeat: int, timing: str = "queued") -> float:
+    """Median seconds of one call `fn(*args)`, from CUDA events recorded around each call.
+
+    timing "queued": the calls are issued back to back and synchronized once, at the end, as a model's
+    forward pass issues its layers: the host queues each call while the GPU runs the ones before, and a call's
+    events time its GPU work (a call whose host time exceeds its GPU time still shows it, as gaps).
+    "single": every call is synchronized before the next is issued, so its time also holds the host's time
+    to issue it: what one isolated call costs.
+    """
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}; got {timing!r}")
     for _ in range(warmup):
         fn(*args)
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
+    if timing == "single":
+        torch.cuda.synchronize()
+    for start, end in events:
         start.record()
         fn(*args)
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+        if timing == "single":
+            end.synchronize()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
 
 
 def run(
@@ -125,13 +139,16 @@ def run(
     repeat: int = 20,
     json_path: str | None = None,
     plot_path: str | None = None,
+    timing: str = "queued",
 ) -> list:
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}; got {timing!r}")
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
     impls = implementations(modes)
     results = []
     gpu = torch.cuda.get_device_name()
-    print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}")
+    print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}, {timing} calls")
     width = max(14, *(len(name) + 2 for name in impls))
     header = f"{'shape':<34}" + "".join(f"{name:>{width}}" for name in impls)
     print(header)
@@ -141,7 +158,7 @@ def run(
         row = {"shape": [b, h, n, d], "causal": causal, "what": what, "tops": {}}
         for name, fn in impls.items():
             try:
-                seconds = time_call(fn, (q, k, v, causal), warmup, repeat)
+                seconds = time_call(fn, (q, k, v, causal), warmup, repeat, timing)
                 row["tops"][name] = flops / seconds / 1e12
             except Exception as exc:  # an implementation that cannot run this shape: recorded, not fatal
                 row["tops"][name] = None
@@ -153,7 +170,7 @@ def run(
         del q, k, v
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "results": results}, f, indent=2)
+            json.dump({"gpu": gpu, "torch": torch.__version__, "timing": timing, "results": results}, f, indent=2)
     if plot_path:
         plot(results, plot_path, f"{gpu}, bf16 inputs, quantization included")
     return results

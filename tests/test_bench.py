@@ -63,3 +63,51 @@ def test_hopper_also_times_the_mma_sync_family_of_each_wgmma_mode(monkeypatch, c
     for name in ours:
         impls[name](None, None, None, False)
     assert calls == [(m, None) for m in modes] + [(m, "sm80") for m in mma_sync]
+
+
+class FakeClock:
+    """Stands in for CUDA events: `fn` advances a clock, events read it, and every synchronization is logged."""
+
+    def __init__(self):
+        self.now, self.log = 0.0, []
+        clock = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = clock.now
+
+            def synchronize(self):
+                clock.log.append("sync")
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+
+        self.Event = Event
+
+    def call(self, ms):
+        self.now += ms
+        self.log.append("call")
+
+
+@pytest.mark.parametrize("timing", bench.TIMINGS)
+def test_time_call_issues_and_synchronizes_as_its_timing_says(monkeypatch, timing):
+    clock = FakeClock()
+    monkeypatch.setattr(torch.cuda, "Event", clock.Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: clock.log.append("sync"))
+    durations = iter([9.0, 9.0, 1.0, 5.0, 2.0])  # two warm-ups, then three timed calls: median 2 ms
+    seconds = bench.time_call(lambda: clock.call(next(durations)), (), warmup=2, repeat=3, timing=timing)
+    assert seconds == pytest.approx(0.002)
+    if timing == "queued":  # issued back to back, synchronized once at the end
+        assert clock.log == ["call"] * 5 + ["sync"]
+    else:  # each timed call synchronized before the next is issued
+        assert clock.log == ["call", "call", "sync"] + ["call", "sync"] * 3 + ["sync"]
+
+
+def test_unknown_timing_is_a_value_error():
+    with pytest.raises(ValueError, match="timing must be one of"):
+        bench.time_call(lambda: None, (), warmup=0, repeat=1, timing="fast")
+    with pytest.raises(ValueError, match="timing must be one of"):
+        bench.run(["int8_fp8"], timing="fast")

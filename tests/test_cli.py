@@ -142,6 +142,23 @@ def test_bench_defaults_to_the_three_8bit_pv_modes(monkeypatch):
     assert seen == {"modes": ["int8_fp8", "int8_int8", "int8_fp16"], "shapes": list(bench.SHAPES)}
 
 
+@pytest.mark.parametrize(("argv", "timing"), [([], "queued"), (["--timing", "single"], "single")])
+def test_bench_timing_option(monkeypatch, argv, timing):
+    from comfy_sage import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda modes, shapes, **kwargs: seen.update(kwargs))
+    assert cli.main(["bench", *argv]) == 0
+    assert seen["timing"] == timing
+
+
+def test_bench_rejects_an_unknown_timing(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--timing", "fast"])
+    assert info.value.code == 2
+    assert "--timing: invalid choice: 'fast'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["frobnicate"], ["demo", "--mode", "int3"], ["doctor", "--jsn"]])
 def test_usage_errors_exit_2_with_a_message(argv, capsys):
     # A usage error is argparse's message and exit status 2, not a traceback.
