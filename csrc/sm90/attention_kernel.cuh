@@ -22,8 +22,9 @@
 //   Each consumer runs its blocks one after the other; the consumers interleave on the SM, one's
 //   exponentials while another's matmuls run, and take turns at the tensor cores in a fixed order so that
 //   they stay out of step. Three fit the register file at head dim 128 (160 registers each), four at 64
-//   (112 each), only because a consumer never holds two blocks' accumulators at once;
-//   docs/hopper-notes.md has the designs tried and their timings.
+//   (112 each), only because a consumer never holds two blocks' accumulators at once; INT8 P·V at head dim
+//   128 needs no fresh accumulator, and there a consumer's softmax of the next block runs while its P̃·V of
+//   this one does. docs/hopper-notes.md has the designs tried and their timings.
 // Epilogue: O / l · δV per channel, rows that saw no key written as 0, optional LSE; a part of a split tile
 // writes its unnormalized O, row max and row sum instead, and the last part combines them.
 #pragma once
@@ -146,6 +147,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     sm90_attention_kernel(const __grid_constant__ Sm90Params p) {
   using Tr = Sm90Traits<kDim, kPv>;
   constexpr bool kIntPv = Tr::kIntPv;
+  constexpr bool kSoftmaxUnderPv = kIntPv && Tr::kIntInPlace;  // see the K loop
   using OAcc = std::conditional_t<kIntPv, int32_t, float>;  // the P̃·V accumulator
   const AttentionArgs& a = p.args;
   const Shape& s = a.shape;
@@ -369,30 +371,27 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     uint32_t pw[Tr::kBlockK / 32][4];
     pack_p(sf, pw);
     if constexpr (!(Tr::kPRegs && !kSplit)) store_p(pw);
-    if constexpr (kIntPv) {
-      // The row accumulator relative to the new (integer) row max: shifted right where the max rose. In most
-      // K blocks of a long row none of the warp's 16 row maxima rises, and at head dim 128 the warp skips the
-      // shifts (H100: +3% at N = 16k, +4% at 32k); at 64, where the product is added in afterwards anyway,
-      // the vote and branch cost more than they save (-3% at SDXL, -21% at N = 16k).
-      auto shift = [&](int i) { return oi[i] >> softmax.shift[(i >> 1) & 1]; };
-      if constexpr (Tr::kIntInPlace) {
-        if (__any_sync(0xffffffffu, (softmax.shift[0] | softmax.shift[1]) != 0)) {
+    if constexpr (kIntPv) {  // head dim 64: a fresh tile (the in-place accumulation has its own loop below)
+      // The row accumulator relative to the new (integer) row max: shifted right where the max rose; here,
+      // where the product is added in anyway, without the vote the in-place loop uses (it cost 3% at SDXL
+      // and 21% at N = 16k).
+      int32_t blk[Tr::kOTiles * 4];
+      pv_turn(blk, stage, pw);
 #pragma unroll
-          for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = shift(i);
-        }
-        pv_turn(oi, stage, pw);
-      } else {
-        int32_t blk[Tr::kOTiles * 4];
-        pv_turn(blk, stage, pw);
-#pragma unroll
-        for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = shift(i) + blk[i];
-      }
+      for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] = (oi[i] >> softmax.shift[(i >> 1) & 1]) + blk[i];
     } else {
       float blk[Tr::kOTiles * 4];
       pv_turn(blk, stage, pw);
       add_block(blk);
     }
   };
+  // INT8 P·V in place (head dim 128): a turn issues the next block's Q·Kᵀ and then this block's P̃·V, and the
+  // consumer waits for the Q·Kᵀ alone: its next softmax runs while the P̃·V does, which it needs done only
+  // before its P̃ overwrites the tile and its shift rescales the accumulator. `block`'s order (P̃·V waited
+  // for, then Q·Kᵀ issued and waited for) has both products' latencies on each consumer's path; this has one
+  // (+2-5% in CUDA-graph TOPS on an H100, docs/hopper-notes.md i7). The registers are there because the
+  // in-place accumulation needs no fresh tile; FP8's two-level accumulation does.
+  int32_t s_acc[kSoftmaxUnderPv ? Tr::kSTiles * 4 : 1];
   if (num_k_blocks > kb0) {
     if (c == Tr::kConsumers - 1) turn_pass();  // consumer 0 goes first
     mbar_wait(q_full, 0);
@@ -404,11 +403,77 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
       const int hidden_after = q0 + c * Tr::kWgRows + diag - (Tr::kBlockK - 1);
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
-    for (int kb = kb0; kb < num_k_blocks; ++kb) {
-      if (kb < first_masked) {
-        block(kb, std::false_type{});
-      } else {
-        block(kb, std::true_type{});
+    if constexpr (kSoftmaxUnderPv) {
+      // The softmax of block kb into the P̃ words `pw` (S in s_acc, waited for).
+      auto softmax_of = [&](int kb, auto masked, auto& s_in, uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+        float sf[Tr::kSTiles][4];
+        softmax_step(sf, s_in, kb, k_scales[kb * kColGroups + t], softmax, masked);
+        pack_p(sf, pw);
+      };
+      // P̃ of block kb into the tile and the accumulator relative to its row max (the previous P̃·V done).
+      // In most K blocks of a long row none of the warp's 16 row maxima rises, and the warp skips the
+      // shifts (H100: +3% at N = 16k, +4% at 32k).
+      auto stage_p = [&](auto& o_acc, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+        store_p(pw);
+        if (__any_sync(0xffffffffu, (softmax.shift[0] | softmax.shift[1]) != 0)) {
+#pragma unroll
+          for (int i = 0; i < Tr::kOTiles * 4; ++i) o_acc[i] >>= softmax.shift[(i >> 1) & 1];
+        }
+      };
+      // One turn: block kb + 1's Q·Kᵀ, then block kb's P̃·V; block kb + 1's softmax under the P̃·V.
+      auto turn = [&](int kb, auto masked_next, auto& o_acc, auto& s_in) {
+        const int stage = (kb - kb0) % Tr::kStages, next_stage = (kb + 1 - kb0) % Tr::kStages;
+        mbar_wait(full(next_stage), ((kb + 1 - kb0) / Tr::kStages) & 1);  // no branch with a wgmma in flight
+        uint32_t pw[Tr::kBlockK / 32][4];
+        turn_wait();
+        issue_qk(s_in, next_stage);
+        issue_pv(o_acc, stage, pw);
+        turn_pass();
+        wgmma_wait<1>();
+        fence_registers(s_in);
+        softmax_of(kb + 1, masked_next, s_in, pw);
+        wgmma_wait<0>();
+        fence_registers(o_acc);
+        if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
+        stage_p(o_acc, pw);
+      };
+      {
+        mbar_wait(full(0), 0);
+        uint32_t pw[Tr::kBlockK / 32][4];
+        issue_qk(s_acc, 0);
+        turn_pass();
+        wgmma_wait<0>();
+        fence_registers(s_acc);
+        if (kb0 < first_masked) {
+          softmax_of(kb0, std::false_type{}, s_acc, pw);
+        } else {
+          softmax_of(kb0, std::true_type{}, s_acc, pw);
+        }
+        stage_p(oi, pw);
+      }
+      for (int kb = kb0; kb + 1 < num_k_blocks; ++kb) {
+        if (kb + 1 < first_masked) {
+          turn(kb, std::false_type{}, oi, s_acc);
+        } else {
+          turn(kb, std::true_type{}, oi, s_acc);
+        }
+      }
+      {  // the last block's P̃·V
+        const int kb = num_k_blocks - 1, stage = (kb - kb0) % Tr::kStages;
+        uint32_t pw[Tr::kBlockK / 32][4];
+        turn_wait();
+        issue_pv(oi, stage, pw);
+        wgmma_wait<0>();
+        fence_registers(oi);
+        if (lane == 0) mbar_arrive(empty(stage));
+      }
+    } else {
+      for (int kb = kb0; kb < num_k_blocks; ++kb) {
+        if (kb < first_masked) {
+          block(kb, std::false_type{});
+        } else {
+          block(kb, std::true_type{});
+        }
       }
     }
     if (c != Tr::kConsumers - 1) turn_pass();
