@@ -36,17 +36,9 @@ HEAD_DIM_MULTIPLE = 8
 # could overflow, and the binding refuses the call (csrc/attention/params.h kInt8PvMaxKeys), so `plan` moves
 # such calls to FP8 or FP16 P·V.
 INT8_PV_MAX_KEYS = (2**31 - 2**24) // 127
-# From this many keys on, `auto` on Hopper runs INT8 P·V at head dim 128 (docs/hopper-notes.md a1): the wgmma
-# kernel's INT8 P·V skips its rescales in most blocks of a long row and is level with FP8 P·V or ahead there
-# (H100, CUDA graphs: 0.99-1.06× from 32k keys, 1.06× at Wan 14B's 75,600), and more accurate everywhere;
-# below, it is 2-4% behind.
-HOPPER_INT8_PV_MIN_KEYS = 32_000
-
-
-def row_class(seq_kv: int) -> int:
-    """What a row's length changes in a plan: 0 nothing, 1 Hopper's `auto` runs INT8 P·V at head dim 128,
-    2 INT8 P·V cannot run (its int32 row sums)."""
-    return 2 if seq_kv > INT8_PV_MAX_KEYS else 1 if seq_kv >= HOPPER_INT8_PV_MIN_KEYS else 0
+# Hopper's `auto` runs FP8 P·V up to this head dim (the wgmma kernel's INT8 P·V is 10-15% slower there) and
+# INT8 P·V above it (docs/hopper-notes.md a1, i7).
+HOPPER_FP8_PV_MAX_HEAD_DIM = 64
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -84,17 +76,16 @@ class Plan:
 
 
 def auto_mode(cc: tuple[int, int] | None) -> Mode:
-    """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality); P·V in INT8 on the
-    mma.sync GPUs, in FP8 on Hopper (in INT8 there too for rows of HOPPER_INT8_PV_MIN_KEYS keys or more at head
-    dim 128, which `plan` decides).
+    """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality); P·V in INT8, except
+    on Hopper at head dims up to HOPPER_FP8_PV_MAX_HEAD_DIM (which `plan` decides, from the head dim).
 
     INT8 P·V (exact int32 sums) is more accurate than FP8 P·V (rel L1 0.024 against 0.038 on random-normal
     inputs) and runs on INT8 tensor cores: twice the FP16 rate on Ampere (four times on GeForce cards, whose
     FP16 products with fp32 sums run at half rate), and twice the rate of FP8 with fp32 sums on GeForce Ada
     and Blackwell. On an H100 the mma.sync kernel measures 443 TOPS with it against 342 (FP16 P·V) and 321
-    (FP8, emulated there) at N = 16k. Hopper's wgmma kernel is faster with FP8 P·V on shorter rows (Flux 1024²:
-    667 against 650 TOPS), so there auto is INT8+FP8; `plan` moves it to INT8+INT8 for long rows at head dim
-    128 and (on the mma.sync kernel) where the wgmma kernel can't run.
+    (FP8, emulated there) at N = 16k. Hopper's wgmma kernel runs INT8 P·V at head dim 128 as fast as FP8 P·V
+    or faster (0.995-1.075× over 4.6k-75k keys: its accumulator needs no fresh tile per block, and a consumer's
+    softmax runs under its P̃·V), but at head dim 64 10-15% slower, so `plan` keeps FP8 P·V there.
     """
     if cc is None or cc < MIN_CC:
         return Mode.SDPA
@@ -154,15 +145,15 @@ def plan(
     has_mask: bool,
     seq_kv: int = 0,
 ) -> Plan:
-    """The plan for one call's static properties (cached; never reads tensor data). Of `seq_kv` only its
-    `row_class` counts."""
-    rows = row_class(seq_kv)
-    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, rows)
+    """The plan for one call's static properties (cached; never reads tensor data). `seq_kv` counts only
+    past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow."""
+    long_rows = seq_kv > INT8_PV_MAX_KEYS
+    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows)
     found = _plans.get(key)
     if found is not None:
         return found
     cc = capability.device_capability(device)
-    found = _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, rows)
+    found = _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, long_rows)
     if device.index is not None or device.type != "cuda":  # "cuda" alone means the current device: it may change
         _plans[key] = found
     return found
@@ -178,7 +169,7 @@ def _plan(
     has_mask: bool,
     device_index: int | None = None,
     preferred_family: str | None = None,
-    rows: int = 0,
+    long_rows: bool = False,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -216,10 +207,10 @@ def _plan(
     def runs_wgmma(m: Mode) -> bool:
         return wgmma_fits(cc, m, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
 
-    if requested is Mode.AUTO and hopper and (not runs_wgmma(mode) or (rows == 1 and head_dim > 64)):
-        mode = Mode.INT8_INT8  # FP8 P·V on Hopper pays only through the wgmma kernel; long rows: see row_class
+    if requested is Mode.AUTO and hopper and (head_dim > HOPPER_FP8_PV_MAX_HEAD_DIM or not runs_wgmma(mode)):
+        mode = Mode.INT8_INT8  # see auto_mode
     mode, note = native_mode(mode, cc)
-    if rows == 2 and mode.pv == "int8":
+    if long_rows and mode.pv == "int8":
         mode, fp16_note = native_mode(mode.with_pv("fp8"), cc)
         long_note = (
             f"INT8 P·V sums a row in int32 and takes at most {INT8_PV_MAX_KEYS:,} keys, so longer rows run {mode.value}"

@@ -46,10 +46,6 @@ def summary(device: torch.device | str | None = None) -> dict:
     for head_dim in REPORTED_HEAD_DIMS:
         plan = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False)
         auto[str(head_dim)] = describe(plan)
-        keys = dispatch.HOPPER_INT8_PV_MIN_KEYS
-        long_rows = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False, keys)
-        if long_rows != plan:
-            auto[str(head_dim)] += f"; {describe(long_rows)} from {keys:,} keys"
     info["auto"] = auto
     return info
 

@@ -192,23 +192,6 @@ def test_doctor_names_the_kernel_family(monkeypatch):
         cpu = dispatch._plan(Mode.AUTO, "cpu", None, 128, torch.bfloat16, False)
     finally:
         dispatch.clear_cache()
-    assert doctor.describe(wgmma) == "int8_fp8 (wgmma kernel)"
+    assert doctor.describe(wgmma) == "int8_int8 (wgmma kernel)"
     assert doctor.describe(wide) == "int8_int8 (mma.sync kernel)"
     assert doctor.describe(cpu).startswith("sdpa (")
-
-
-def test_doctor_tells_hoppers_long_row_mode(monkeypatch):
-    """On Hopper `auto` runs INT8 P·V from HOPPER_INT8_PV_MIN_KEYS keys at head dim 128: doctor says so."""
-    monkeypatch.setattr(capability, "device_capability", lambda device: (9, 0) if device.type == "cuda" else None)
-    monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_90a",)))
-    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
-    dispatch.clear_cache()
-    try:
-        auto = doctor.summary("cuda")["auto"]
-    finally:
-        dispatch.clear_cache()
-    assert auto["128"] == "int8_fp8 (wgmma kernel); int8_int8 (wgmma kernel) from 32,000 keys"
-    assert auto["80"] == auto["128"]
-    assert auto["64"] == auto["40"] == "int8_fp8 (wgmma kernel)"
-    assert auto["256"] == auto["160"] == "int8_int8 (mma.sync kernel)"
