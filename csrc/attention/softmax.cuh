@@ -70,10 +70,20 @@ struct OnlineSoftmax {
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[half], kIntegerMax ? ceilf(mx) : mx);
       const float m_use = m_new == -kInf ? 0.f : m_new;
-      const float alpha = fast_exp2(m[half] - m_use);
+      float alpha;
+      if constexpr (kIntegerMax) {
+        // The maxima are integers, so alpha = 2^-gap is built from its exponent bits, and neither it nor the
+        // shift takes the special-function unit the exponentials wait on (a MUFU and an F2I per row and
+        // block). gap = m_new - m_old is a whole number, +inf where m_old = -inf and NaN where both are:
+        // fminf makes those 127 (alpha 0; O is still 0 there), and adding 1.5 * 2^23 puts it in the low
+        // bits of a float's word.
+        const int gap = __float_as_int(fminf(m_new - m[half], 127.f) + 12582912.f) - 0x4B400000;
+        alpha = __int_as_float((127 - gap) << 23);
+        shift[half] = min(gap, 31);
+      } else {
+        alpha = fast_exp2(m[half] - m_use);
+      }
       this->alpha[half] = alpha;
-      // fminf returns 31 for NaN too (m_old = m_new = -inf); m_old = -inf gives +inf: O is still 0 there.
-      if constexpr (kIntegerMax) shift[half] = static_cast<int>(fminf(m_new - m[half], 31.f));
       const float base = kIntegerMax ? __fsub_ru(m_use, offset) : m_use - offset;
 #pragma unroll
       for (int w = 0; w < kWays; ++w) part[w] = 0.f;

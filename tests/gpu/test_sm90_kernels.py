@@ -62,9 +62,21 @@ def test_int8_pv_long_rows():
     check_int8_pv_long_rows("sm90")
 
 
-def test_auto_runs_the_wgmma_kernel():
-    plan = dispatch.plan(Mode.AUTO, torch.device("cuda"), 128, torch.bfloat16, False)
-    assert plan.kernel.name == "sm90_int8_fp8"
+@pytest.mark.parametrize(
+    ("head_dim", "kernel"), [(64, "sm90_int8_fp8"), (80, "sm90_int8_int8"), (128, "sm90_int8_int8")]
+)
+def test_auto_runs_the_wgmma_kernel(head_dim, kernel):
+    """INT8 P·V above head dim 64 (as fast as FP8 P·V there, and more accurate), FP8 P·V at 64 and below."""
+    plan = dispatch.plan(Mode.AUTO, torch.device("cuda"), head_dim, torch.bfloat16, False)
+    assert plan.kernel.name == kernel
+
+
+def test_auto_meets_the_accuracy_bar():
+    """What a call with the default mode gets on the issue's inputs (N = 4096, D = 128): cos sim ≥ 0.9993 and
+    relative L1 ≤ 0.035 against float64."""
+    q, k, v = inputs(seed(), heads_q=8, heads_kv=8, nq=4096, nkv=4096, d=128, dtype=torch.bfloat16, layout="HND")
+    acc = reference.accuracy(comfy_sage.sageattn(q, k, v), reference.exact.attention(q, k, v))
+    assert acc["cos_sim"] >= 0.9993 and acc["rel_l1"] <= 0.035, acc
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
