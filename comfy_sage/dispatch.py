@@ -75,9 +75,10 @@ class Plan:
         return self.kernel is None
 
 
-def auto_mode(cc: tuple[int, int] | None) -> Mode:
-    """The fastest accurate mode for a GPU: INT8 Q·Kᵀ always (INT4 costs image quality); P·V in INT8, except
-    on Hopper at head dims up to HOPPER_FP8_PV_MAX_HEAD_DIM (which `plan` decides, from the head dim).
+def auto_mode(cc: tuple[int, int] | None, head_dim: int = 128) -> Mode:
+    """The fastest accurate mode for a GPU and head dim: INT8 Q·Kᵀ always (INT4 costs image quality); P·V in
+    INT8, except on Hopper at head dims up to HOPPER_FP8_PV_MAX_HEAD_DIM (`plan` also moves those to INT8 P·V
+    where the wgmma kernel cannot run them: FP8 P·V pays on Hopper only through it).
 
     INT8 P·V (exact int32 sums) is more accurate than FP8 P·V (rel L1 0.024 against 0.038 on random-normal
     inputs) and runs on INT8 tensor cores: twice the FP16 rate on Ampere (four times on GeForce cards, whose
@@ -89,7 +90,7 @@ def auto_mode(cc: tuple[int, int] | None) -> Mode:
     """
     if cc is None or cc < MIN_CC:
         return Mode.SDPA
-    return Mode.INT8_FP8 if cc == HOPPER else Mode.INT8_INT8
+    return Mode.INT8_FP8 if cc == HOPPER and head_dim <= HOPPER_FP8_PV_MAX_HEAD_DIM else Mode.INT8_INT8
 
 
 def native_mode(mode: Mode, cc: tuple[int, int]) -> tuple[Mode, str | None]:
@@ -175,7 +176,7 @@ def _plan(
     if mode is Mode.SDPA:
         return Plan(requested, Mode.SDPA, None)
     if mode is Mode.AUTO:
-        mode = auto_mode(cc)
+        mode = auto_mode(cc, head_dim)
         if mode is Mode.SDPA:
             why = "no CUDA device" if cc is None else f"{capability.sm_name(cc)} is older than sm_80"
             return Plan(requested, Mode.SDPA, None, f"mode 'auto' uses PyTorch attention: {why}")
@@ -207,7 +208,7 @@ def _plan(
     def runs_wgmma(m: Mode) -> bool:
         return wgmma_fits(cc, m, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
 
-    if requested is Mode.AUTO and hopper and (head_dim > HOPPER_FP8_PV_MAX_HEAD_DIM or not runs_wgmma(mode)):
+    if requested is Mode.AUTO and hopper and not runs_wgmma(mode):
         mode = Mode.INT8_INT8  # see auto_mode
     mode, note = native_mode(mode, cc)
     if long_rows and mode.pv == "int8":

@@ -65,7 +65,7 @@ def test_auto_per_gpu(gpu, cc, expected):
     assert p.kernel.mode is expected and p.kernel.family == "sm80" and p.kernel.tiling == SM80
     assert p.kernel.name == f"sm80_{expected.value}"
     assert p.reason is None and p.note is None
-    assert dispatch.auto_mode(cc) is expected
+    assert dispatch.auto_mode(cc) is dispatch.auto_mode(cc, 64) is expected
 
 
 def test_auto_on_hopper_is_the_wgmma_kernel(gpu):
@@ -144,6 +144,7 @@ def test_auto_on_hopper_runs_fp8_pv_up_to_head_dim_64_and_int8_pv_above(gpu, hea
     gpu((9, 0))
     p = plan("auto", head_dim=head_dim)
     assert p.mode is expected and p.kernel.family == "sm90" and p.kernel.tiling == SM90 and p.note is None
+    assert dispatch.auto_mode((9, 0), head_dim) is expected
     # At any row length up to INT8 P·V's limit.
     assert dispatch.plan(Mode.AUTO, CUDA, head_dim, torch.bfloat16, False, 75_600) == p
     too_long = dispatch.plan(Mode.AUTO, CUDA, head_dim, torch.bfloat16, False, LONG)
@@ -464,8 +465,9 @@ def test_device_capability_of_non_cuda_devices():
 def test_real_gpu_capability(fresh_state):  # pragma: no cover - GPU only
     cc = capability.device_capability(torch.device("cuda"))
     assert cc == torch.cuda.get_device_capability()
-    p = plan("auto")
-    assert p.mode is dispatch.auto_mode(cc) or p.fallback
+    for head_dim in (64, 128):
+        p = plan("auto", head_dim=head_dim)
+        assert p.mode is dispatch.auto_mode(cc, head_dim) or p.fallback
 
 
 def test_kernel_status_load_error_named_like_the_extension(fresh_state, monkeypatch):
