@@ -404,38 +404,39 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
     if constexpr (kSoftmaxUnderPv) {
-      // The softmax of block kb into the P̃ words `pw` (S in s_acc, waited for).
-      auto softmax_of = [&](int kb, auto masked, auto& s_in, uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+      // The softmax of block kb (its S in s_acc, waited for) into the P̃ words `pw`.
+      auto softmax_of = [&](int kb, auto masked, uint32_t (&pw)[Tr::kBlockK / 32][4]) {
         float sf[Tr::kSTiles][4];
-        softmax_step(sf, s_in, kb, k_scales[kb * kColGroups + t], softmax, masked);
+        softmax_step(sf, s_acc, kb, k_scales[kb * kColGroups + t], softmax, masked);
         pack_p(sf, pw);
       };
-      // P̃ of block kb into the tile and the accumulator relative to its row max (the previous P̃·V done).
-      // In most K blocks of a long row none of the warp's 16 row maxima rises, and the warp skips the
+      // The P̃ words into the tile, and the accumulator relative to the new row maxima (the previous P̃·V
+      // done). In most K blocks of a long row none of the warp's 16 row maxima rises, and the warp skips the
       // shifts (H100: +3% at N = 16k, +4% at 32k).
-      auto stage_p = [&](auto& o_acc, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+      auto stage_p = [&](const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
         store_p(pw);
         if (__any_sync(0xffffffffu, (softmax.shift[0] | softmax.shift[1]) != 0)) {
 #pragma unroll
-          for (int i = 0; i < Tr::kOTiles * 4; ++i) o_acc[i] >>= softmax.shift[(i >> 1) & 1];
+          for (int i = 0; i < Tr::kOTiles * 4; ++i) oi[i] >>= softmax.shift[(i >> 1) & 1];
         }
       };
-      // One turn: block kb + 1's Q·Kᵀ, then block kb's P̃·V; block kb + 1's softmax under the P̃·V.
-      auto turn = [&](int kb, auto masked_next, auto& o_acc, auto& s_in) {
+      // One turn: block kb + 1's Q·Kᵀ, then block kb's P̃·V (P̃ from the tile: `pw` then takes block
+      // kb + 1's words); block kb + 1's softmax under the P̃·V.
+      auto turn = [&](int kb, auto masked_next) {
         const int stage = (kb - kb0) % Tr::kStages, next_stage = (kb + 1 - kb0) % Tr::kStages;
         mbar_wait(full(next_stage), ((kb + 1 - kb0) / Tr::kStages) & 1);  // no branch with a wgmma in flight
         uint32_t pw[Tr::kBlockK / 32][4];
         turn_wait();
-        issue_qk(s_in, next_stage);
-        issue_pv(o_acc, stage, pw);
+        issue_qk(s_acc, next_stage);
+        issue_pv(oi, stage, pw);
         turn_pass();
         wgmma_wait<1>();
-        fence_registers(s_in);
-        softmax_of(kb + 1, masked_next, s_in, pw);
+        fence_registers(s_acc);
+        softmax_of(kb + 1, masked_next, pw);
         wgmma_wait<0>();
-        fence_registers(o_acc);
+        fence_registers(oi);
         if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
-        stage_p(o_acc, pw);
+        stage_p(pw);
       };
       {
         mbar_wait(full(0), 0);
@@ -445,17 +446,17 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
         wgmma_wait<0>();
         fence_registers(s_acc);
         if (kb0 < first_masked) {
-          softmax_of(kb0, std::false_type{}, s_acc, pw);
+          softmax_of(kb0, std::false_type{}, pw);
         } else {
-          softmax_of(kb0, std::true_type{}, s_acc, pw);
+          softmax_of(kb0, std::true_type{}, pw);
         }
-        stage_p(oi, pw);
+        stage_p(pw);
       }
       for (int kb = kb0; kb + 1 < num_k_blocks; ++kb) {
         if (kb + 1 < first_masked) {
-          turn(kb, std::false_type{}, oi, s_acc);
+          turn(kb, std::false_type{});
         } else {
-          turn(kb, std::true_type{}, oi, s_acc);
+          turn(kb, std::true_type{});
         }
       }
       {  // the last block's P̃·V
