@@ -82,6 +82,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(args.seed)
         q, k, v = make_qkv(args.batch, args.heads, args.seq, args.head_dim, kind=kind, generator=g, device=device)
         truth = reference.exact.attention(q, k, v)
+        if kind == "normal":
+            normal = q, k, v, truth
         for mode in QUANTIZED_MODES:
             rows = [(f"reference, {name}", reference.sageattn(q, k, v, mode=mode, **kw)) for name, kw in variants]
             if kernels:
@@ -92,9 +94,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
                 acc = reference.accuracy(out, truth)
                 print(f"| {kind} | {mode.value} | {name} | {acc['cos_sim']:.5f} | {acc['rel_l1']:.4f} |")
     # The floor each P·V pays for its number formats alone (exact Q·Kᵀ, row sums and accumulation).
-    g = torch.Generator().manual_seed(args.seed)
-    q, k, v = make_qkv(args.batch, args.heads, args.seq, args.head_dim, generator=g, device=device)
-    truth = reference.exact.attention(q, k, v)
+    q, k, v, truth = normal
     print("\nP·V number formats alone (normal inputs; exact Q·Kᵀ, row sums and accumulation)")
     print("| P̃ | V | cos sim | rel L1 |\n|---|---|---|---|")
     for p_format, v_format in (

@@ -106,6 +106,11 @@ def _agrees_with_sdpa(fn: Callable, device: str = "cuda") -> bool:
 TIMINGS = ("queued", "single")
 
 
+def _check_timing(timing: str) -> None:
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}; got {timing!r}")
+
+
 def time_call(fn: Callable, args: tuple, warmup: int, repeat: int, timing: str = "queued") -> float:
     """Median seconds of one call `fn(*args)`, from CUDA events recorded around each call.
 
@@ -115,8 +120,7 @@ def time_call(fn: Callable, args: tuple, warmup: int, repeat: int, timing: str =
     "single": every call is synchronized before the next is issued, so its time also holds the host's time
     to issue it: what one isolated call costs.
     """
-    if timing not in TIMINGS:
-        raise ValueError(f"timing must be one of {TIMINGS}; got {timing!r}")
+    _check_timing(timing)
     for _ in range(warmup):
         fn(*args)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeat)]
@@ -141,8 +145,7 @@ def run(
     plot_path: str | None = None,
     timing: str = "queued",
 ) -> list:
-    if timing not in TIMINGS:
-        raise ValueError(f"timing must be one of {TIMINGS}; got {timing!r}")
+    _check_timing(timing)  # before any GPU work
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
     impls = implementations(modes)

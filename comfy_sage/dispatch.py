@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import capability
-from .modes import Mode
+from .modes import INT8_PV_MAX_KEYS, Mode  # past INT8_PV_MAX_KEYS `plan` moves INT8 P·V to FP8 or FP16
 from .tiling import SM90, Tiling, sm80_tiling
 
 MIN_CC = (8, 0)  # Ampere: the first INT8 mma.sync with the m16n8k32 shape
@@ -32,10 +32,6 @@ NATIVE_HEAD_DIMS = (64, 128, 256)
 # head dims that are not a multiple of 8 fall back.
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 256
 HEAD_DIM_MULTIPLE = 8
-# INT8 P·V sums a whole row in int32 (reference/quant.py INT8_PV_BUDGET): past this many keys even p_max = 1
-# could overflow, and the binding refuses the call (csrc/attention/params.h kInt8PvMaxKeys), so `plan` moves
-# such calls to FP8 or FP16 P·V.
-INT8_PV_MAX_KEYS = (2**31 - 2**24) // 127
 # Hopper's `auto` runs FP8 P·V up to this head dim (the wgmma kernel's INT8 P·V is 10-15% slower there) and
 # INT8 P·V above it (docs/hopper-notes.md a1, i7).
 HOPPER_FP8_PV_MAX_HEAD_DIM = 64

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import enum
 
+# INT8 P·V (`Mode.INT8_INT8`) accumulates a whole row in int32: Σ_keys p̂·|v̂| ≤ p_max · 127 · N_kv must stay below
+# 2^31 (less a margin for the floor of each rescale), so P̃'s range p_max shrinks below 255 past 65,793 keys, and
+# past INT8_PV_MAX_KEYS even p_max = 1 could overflow (csrc/attention/params.h, the same rule).
+INT8_P_MAX = 255
+INT8_PV_BUDGET = 2**31 - 2**24
+INT8_PV_MAX_KEYS = INT8_PV_BUDGET // 127
+
 
 class Mode(str, enum.Enum):
     """The precision of the two matrix products.

@@ -19,15 +19,12 @@ import enum
 
 import torch
 
+from ..modes import INT8_P_MAX, INT8_PV_BUDGET
 from ..tiling import COL_GROUPS, ROW_GROUPS, Tiling
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 INT_MAX = {8: 127, 4: 7}
-FP22_DROPPED_BITS = 10
-# INT8 P·V accumulates a whole row in int32: Σ_keys p̂·|v̂| ≤ p_max · 127 · N_kv must stay below 2^31 (less a
-# margin for the floor of each rescale), so P̃'s range p_max shrinks below 255 past 65,793 keys.
-INT8_P_MAX = 255
-INT8_PV_BUDGET = 2**31 - 2**24  # float32 keeps 23 mantissa bits; the FP8 mma accumulator keeps 13
+FP22_DROPPED_BITS = 10  # float32 keeps 23 mantissa bits; the FP8 mma accumulator keeps 13
 
 
 class Granularity(str, enum.Enum):

@@ -459,15 +459,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
           turn(kb, std::true_type{});
         }
       }
-      {  // the last block's P̃·V
-        const int kb = num_k_blocks - 1, stage = (kb - kb0) % Tr::kStages;
-        uint32_t pw[Tr::kBlockK / 32][4];
-        turn_wait();
-        issue_pv(oi, stage, pw);
-        wgmma_wait<0>();
-        fence_registers(oi);
-        if (lane == 0) mbar_arrive(empty(stage));
-      }
+      uint32_t unused[Tr::kBlockK / 32][4];  // P̃ from the tile
+      pv_turn(oi, (num_k_blocks - 1 - kb0) % Tr::kStages, unused);  // the last block's P̃·V
     } else {
       for (int kb = kb0; kb < num_k_blocks; ++kb) {
         if (kb < first_masked) {
