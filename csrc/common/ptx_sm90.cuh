@@ -1,5 +1,5 @@
-// The Hopper (sm_90a) instructions the wgmma kernel uses: mbarriers, TMA tile loads, warpgroup MMA and
-// register reallocation. One place for the inline assembly; compiled only for sm_90a (setup.py
+// The Hopper (sm_90a) instructions the wgmma kernel uses: mbarriers, TMA tile loads, warpgroup MMA,
+// register reallocation and programmatic dependent launch. One place for the inline assembly; compiled only for sm_90a (setup.py
 // SOURCE_ARCHS), where wgmma and setmaxnreg exist.
 //
 // Layouts (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"), for warp w of the
@@ -16,6 +16,13 @@
 #include <cstdint>
 
 namespace comfy_sage {
+
+// ---- programmatic dependent launch ----
+// This grid's dependents (launched with programmatic stream serialization) may start once every CTA of it
+// has run this or exited.
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+// Waits until the grids this one depends on have completed and their memory is visible.
+__device__ __forceinline__ void wait_prerequisites() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
 // ---- mbarrier ----
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {

@@ -52,10 +52,14 @@ namespace comfy_sage {
 // split_from, split_from + 1, ... take the parts of tile split_from, then the next tile, ...), the parts'
 // unnormalized O, row max and row sum go to AttentionArgs::split_partials, and the last part to finish a
 // tile (an arrival counter per tile and consumer) combines them into the output.
+// Two launches run such a plan: the whole tiles in the plain kernel (whose K loop is faster), which leaves
+// the tiles from split_from to the split kernel, launched as its dependent so that its CTAs take the SMs
+// the plain kernel's last wave frees (programmatic dependent launch); first_cta is then split_from.
 struct Sm90Split {
   int split_from = 0;  // the first split tile (= the number of tiles when none is split)
   int splits = 1;      // parts per split tile
   int split_tiles = 0;
+  int first_cta = 0;   // the split kernel's CTA 0 is CTA first_cta of the plan
   int64_t ctas() const { return split_from + static_cast<int64_t>(split_tiles) * splits; }
 };
 constexpr int kSm90MaxSplits = 8;
@@ -101,7 +105,9 @@ struct Sm90Traits {
   static constexpr int kBlockQ = sm90_block_q(kDim);
   static constexpr int kBlockK = kSm90BlockK;
   static constexpr int kThreads = (kConsumers + 1) * 128;
-  static constexpr int kStages = 4;  // K/V blocks in flight
+  // K/V blocks in flight: 3 at head dim 128 (with INT8 P·V 1.5-2.6% faster than 4, with FP8 level to +1%;
+  // 2 lost 10%), 4 at 64 (docs/hopper-notes.md, g7 and s1).
+  static constexpr int kStages = kDim == 128 ? 3 : 4;
   static constexpr int kQBytes = kBlockQ * kDim;  // INT8 rows of kDim bytes
   static constexpr int kKBytes = kBlockK * kDim;
   static constexpr int kVBytes = kDim * kBlockK;  // 8-bit V^T: kDim rows of kBlockK bytes
@@ -164,8 +170,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
 
   // This CTA's tile, and its part of the tile's K blocks: [kb0, num_k_blocks) (Sm90Split).
   const int num_q_blocks = s.padded_q / Tr::kBlockQ;
-  int tile = blockIdx.x, part = 0, q_block, hq, b;
+  int tile = static_cast<int>(blockIdx.x), part = 0, q_block, hq, b;
   if constexpr (kSplit) {  // never causal
+    tile += p.split.first_cta;
     if (tile >= p.split.split_from) {
       const int item = tile - p.split.split_from;
       tile = p.split.split_from + item / p.split.splits;
@@ -173,6 +180,12 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     }
     q_block = tile % num_q_blocks, hq = tile / num_q_blocks % s.heads_q, b = tile / num_q_blocks / s.heads_q;
   } else {
+    launch_dependents();  // the split tiles' kernel, if any, may take the SMs this grid's last wave frees
+    // Tiles from split_from are the split kernel's (the row-block-fastest order; causal never splits).
+    if ((static_cast<int>(blockIdx.z) * s.heads_q + static_cast<int>(blockIdx.y)) * num_q_blocks +
+            static_cast<int>(blockIdx.x) >= p.split.split_from) {
+      return;
+    }
     q_block = a.causal ? num_q_blocks - 1 - static_cast<int>(blockIdx.x) : static_cast<int>(blockIdx.x);
     hq = blockIdx.y, b = blockIdx.z;
   }
@@ -215,6 +228,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
         tma_load_3d(s_v(stage), &p.v_map, kb * Tr::kBlockK, 0, bhkv, full(stage));
       }
     }
+    // A dependent launch (the split tiles after the plain kernel's) ends only after the grid it depends on,
+    // as the stream's next work expects: its CTAs stay until then, in this thread.
+    if (kSplit && threadIdx.x == 0 && p.split.first_cta > 0) wait_prerequisites();
     return;
   }
 

@@ -83,12 +83,12 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   p.split = sm90_split(s, a.causal, sm_count());
-  if (p.split.split_tiles == 0) {
+  if (p.split.split_from > 0) {  // the whole tiles (all of them, when none is split)
     const dim3 grid(s.padded_q / Tr::kBlockQ, s.heads_q, s.batch);
     cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, false>>(Tr::kSmemBytes);
     if (err != cudaSuccess) return err;
     sm90_attention_kernel<kDim, kPv, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-    return cudaGetLastError();
+    if (p.split.split_tiles == 0) return cudaGetLastError();
   }
   if (a.split_partials == nullptr || a.num_split_counters < p.split.split_tiles * Tr::kConsumers) {
     return cudaErrorInvalidValue;  // the caller sized the buffers with sm90_split_buffers
@@ -96,9 +96,19 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   if (p.split.ctas() > INT32_MAX) return cudaErrorInvalidConfiguration;
   cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, true>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const auto ctas = static_cast<unsigned>(p.split.ctas());
-  sm90_attention_kernel<kDim, kPv, true><<<ctas, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  // The split tiles, as the plain kernel's dependent when it ran (Sm90Split).
+  p.split.first_cta = p.split.split_from;
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(p.split.ctas() - p.split.first_cta));
+  config.blockDim = dim3(Tr::kThreads);
+  config.dynamicSmemBytes = Tr::kSmemBytes;
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = p.split.first_cta > 0 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, sm90_attention_kernel<kDim, kPv, true>, p);
 }
 
 }  // namespace

@@ -53,6 +53,18 @@ def test_split_tiles(mode):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
+def test_split_tail_after_whole_tiles(mode):
+    """More tiles than SMs, the last wave short: the whole tiles run in the plain kernel and the rest in parts
+    in the split kernel, launched as its dependent (144 tiles at both head dims: 132 whole + 12 split on an
+    H100 SXM or H200, 114 + 30 on an H100 PCIe)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for d, nq, cta_rows in ((128, 1700, 192), (64, 2200, 256)):  # params.h sm90_block_q
+        tiles = 16 * -(-nq // cta_rows)
+        assert sms < tiles < 2 * sms, (tiles, sms)
+        check(mode, d, False, "NHD", 8, torch.bfloat16, nq, 2100, family="sm90")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
 def test_batch_gqa_causal(mode):
     check(mode, 128, True, "NHD", 2, torch.bfloat16, 513, 700, batch=3, family="sm90")
     check(mode, 64, False, "HND", 8, torch.float16, 2000, 3001, batch=2, family="sm90")
