@@ -1,6 +1,6 @@
 // The Hopper (sm_90a) instructions the wgmma kernel uses: mbarriers, TMA tile loads, warpgroup MMA,
-// register reallocation and programmatic dependent launch. One place for the inline assembly; compiled only for sm_90a (setup.py
-// SOURCE_ARCHS), where wgmma and setmaxnreg exist.
+// register reallocation and programmatic dependent launch. One place for the inline assembly; compiled only
+// for sm_90a (setup.py SOURCE_ARCHS), where wgmma and setmaxnreg exist.
 //
 // Layouts (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"), for warp w of the
 // warpgroup and lane (g = lane / 4, t = lane % 4):
@@ -20,7 +20,9 @@ namespace comfy_sage {
 // ---- programmatic dependent launch ----
 // This grid's dependents (launched with programmatic stream serialization) may start once every CTA of it
 // has run this or exited.
-__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ __forceinline__ void launch_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
 // Waits until the grids this one depends on have completed and their memory is visible.
 __device__ __forceinline__ void wait_prerequisites() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
