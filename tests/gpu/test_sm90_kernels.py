@@ -143,6 +143,24 @@ def test_cuda_graph_capture_and_side_stream():
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
 
 
+def test_cuda_graph_with_split_tail():
+    """A split plan's two launches (the plain kernel and the split kernel as its programmatic dependent),
+    captured in a CUDA graph: the replay writes every element of its output, exactly as the eager call does."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q, k, v = inputs(seed(), heads_q=16, heads_kv=2, nq=1700, nkv=2100, d=128, dtype=torch.bfloat16, layout="HND")
+    assert sms < 16 * -(-1700 // 192) < 2 * sms  # 192-row tiles: more than one wave, a short last one
+    expected = comfy_sage.sageattn(q, k, v)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        out = comfy_sage.sageattn(q, k, v)
+    torch.cuda.current_stream().wait_stream(side)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
 def test_unaligned_and_size_one_strided_views():
     """A contiguous view that starts off a 16-byte boundary and a size-1 dimension with an odd stride give
     exactly what the same values in a fresh tensor give."""
