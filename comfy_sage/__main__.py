@@ -110,10 +110,19 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_argument(text: str) -> tuple:
+    from .bench import parse_shape
+
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    shapes = [s for s in bench.SHAPES if not args.only or any(o in s[-1] for o in args.only.split(","))]
+    shapes = args.shape or [s for s in bench.SHAPES if not args.only or any(o in s[-1] for o in args.only.split(","))]
     bench.run(
         args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json,
         plot_path=args.plot, timing=args.timing,
@@ -165,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.add_argument("--plot", default="bench.png", help="where to draw TOPS against N (needs matplotlib)")
-    p.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
+    which.add_argument(
+        "--shape", action="append", type=_shape_argument, metavar="B,H,N,D[,causal]",
+        help="time this shape instead of the built-in ones (repeatable), e.g. 1,24,4096,128 or 1,24,4096,128,1",
+    )  # fmt: skip
     p.add_argument(
         "--timing", default="queued", choices=TIMINGS,
         help="queued: calls issued back to back, as in a model (default); single: each call synchronized, "

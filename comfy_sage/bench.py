@@ -29,6 +29,23 @@ SHAPES = (
 )
 
 
+def parse_shape(text: str) -> tuple:
+    """`B,H,N,D` or `B,H,N,D,causal` (causal 0 or 1) as a SHAPES entry, e.g. "1,24,4096,128" for a model's own
+    attention. ValueError names the accepted form."""
+    fields = text.replace(" ", "").split(",")
+    try:
+        values = [int(f) for f in fields]
+    except ValueError:
+        values = []
+    if len(values) not in (4, 5) or min(values[:4]) < 1 or (len(values) == 5 and values[4] not in (0, 1)):
+        raise ValueError(
+            f"shape must be B,H,N,D or B,H,N,D,causal: positive integers, causal 0 or 1 (e.g. 1,24,4096,128); "
+            f"got {text!r}"
+        )
+    b, h, n, d, causal = (*values, 0) if len(values) == 4 else values
+    return (b, h, n, d, bool(causal), "your shape")
+
+
 def _peer(module: str, attr: str) -> Callable | None:
     """`module.attr` when that package is installed, else None."""
     try:

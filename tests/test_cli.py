@@ -152,6 +152,31 @@ def test_bench_timing_option(monkeypatch, argv, timing):
     assert seen["timing"] == timing
 
 
+def test_bench_times_the_shapes_given(monkeypatch):
+    from comfy_sage import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda modes, shapes, **kwargs: seen.update(shapes=shapes))
+    assert cli.main(["bench", "--shape", "2,10,4096,64", "--shape", " 1, 24, 4608, 128, 1"]) == 0
+    assert seen["shapes"] == [(2, 10, 4096, 64, False, "your shape"), (1, 24, 4608, 128, True, "your shape")]
+
+
+@pytest.mark.parametrize("text", ["1,24,4096", "1,24,4096,128,2", "1,0,4096,128", "1,24,4k,128", ""])
+def test_bench_rejects_a_malformed_shape(text, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--shape", text])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --shape: shape must be B,H,N,D or B,H,N,D,causal" in err and repr(text) in err
+
+
+def test_bench_shape_and_only_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--shape", "1,24,4096,128", "--only", "Flux"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_bench_rejects_an_unknown_timing(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "--timing", "fast"])
