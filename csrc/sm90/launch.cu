@@ -83,17 +83,20 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   p.split = sm90_split(s, a.causal, sm_count());
+  if (p.split.split_tiles > 0) {  // checked before either launch
+    if (a.split_partials == nullptr || a.num_split_counters < p.split.split_tiles * Tr::kConsumers) {
+      return cudaErrorInvalidValue;  // the caller sized the buffers with sm90_split_buffers
+    }
+    if (p.split.ctas() > INT32_MAX) return cudaErrorInvalidConfiguration;
+  }
   if (p.split.split_from > 0) {  // the whole tiles (all of them, when none is split)
     const dim3 grid(s.padded_q / Tr::kBlockQ, s.heads_q, s.batch);
     cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, false>>(Tr::kSmemBytes);
     if (err != cudaSuccess) return err;
     sm90_attention_kernel<kDim, kPv, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-    if (p.split.split_tiles == 0) return cudaGetLastError();
+    err = cudaGetLastError();
+    if (err != cudaSuccess || p.split.split_tiles == 0) return err;
   }
-  if (a.split_partials == nullptr || a.num_split_counters < p.split.split_tiles * Tr::kConsumers) {
-    return cudaErrorInvalidValue;  // the caller sized the buffers with sm90_split_buffers
-  }
-  if (p.split.ctas() > INT32_MAX) return cudaErrorInvalidConfiguration;
   cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, true>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   // The split tiles, as the plain kernel's dependent when it ran (Sm90Split).
