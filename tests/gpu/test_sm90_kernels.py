@@ -52,16 +52,26 @@ def test_split_tiles(mode):
     check(mode, 64, False, "NHD", 4, torch.float16, 192, 2049, kind="biased", family="sm90")
 
 
+# 16 query heads (check's gqa 8) of these lengths make 144 tiles at both head dims (params.h sm90_block_q:
+# 192-row tiles at 128, 256 at 64): more than one wave, a short last one, split along the 2100 keys.
+SPLIT_TAIL = ((128, 1700, 192), (64, 2200, 256))
+SPLIT_TAIL_KEYS = 2100
+
+
+def assert_short_last_wave(nq: int, cta_rows: int) -> None:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = 16 * -(-nq // cta_rows)
+    assert sms < tiles < 2 * sms, (tiles, sms)
+
+
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_split_tail_after_whole_tiles(mode):
     """More tiles than SMs, the last wave short: the whole tiles run in the plain kernel and the rest in parts
-    in the split kernel, launched as its dependent (144 tiles at both head dims: 132 whole + 12 split on an
-    H100 SXM or H200, 114 + 30 on an H100 PCIe)."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for d, nq, cta_rows in ((128, 1700, 192), (64, 2200, 256)):  # params.h sm90_block_q
-        tiles = 16 * -(-nq // cta_rows)
-        assert sms < tiles < 2 * sms, (tiles, sms)
-        check(mode, d, False, "NHD", 8, torch.bfloat16, nq, 2100, family="sm90")
+    in the split kernel, launched as its dependent (132 whole + 12 split on an H100 SXM or H200, 114 + 30 on an
+    H100 PCIe)."""
+    for d, nq, cta_rows in SPLIT_TAIL:
+        assert_short_last_wave(nq, cta_rows)
+        check(mode, d, False, "NHD", 8, torch.bfloat16, nq, SPLIT_TAIL_KEYS, family="sm90")
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
@@ -146,9 +156,11 @@ def test_cuda_graph_capture_and_side_stream():
 def test_cuda_graph_with_split_tail():
     """A split plan's two launches (the plain kernel and the split kernel as its programmatic dependent),
     captured in a CUDA graph: the replay writes every element of its output, exactly as the eager call does."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    q, k, v = inputs(seed(), heads_q=16, heads_kv=2, nq=1700, nkv=2100, d=128, dtype=torch.bfloat16, layout="HND")
-    assert sms < 16 * -(-1700 // 192) < 2 * sms  # 192-row tiles: more than one wave, a short last one
+    d, nq, cta_rows = SPLIT_TAIL[0]
+    assert_short_last_wave(nq, cta_rows)
+    q, k, v = inputs(
+        seed(), heads_q=16, heads_kv=2, nq=nq, nkv=SPLIT_TAIL_KEYS, d=d, dtype=torch.bfloat16, layout="HND"
+    )
     expected = comfy_sage.sageattn(q, k, v)
     graph = torch.cuda.CUDAGraph()
     side = torch.cuda.Stream()
