@@ -124,7 +124,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
       bq * (s.padded_q / kSm80WarpQ) * 8 * 4,               // q_scale
       bkv * s.padded_kv * s.padded_dim * qk_bits / 8,       // k
       bkv * k_blocks * 4 * 4,                               // k_scale
-      (bkv * s.padded_dim * 2 + split_counters) * 4,        // k_sum, v_amax, split counters (one memset)
+      (bkv * s.padded_dim * 2 + split_counters + bkv) * 4,  // k_sum, v_amax, the counters (one memset)
       bkv * s.padded_kv * s.padded_dim * (pv_type == PvType::kFp16 ? 2 : 1),  // v
       return_lse ? bq * dq.n * 4 : 0,                       // q·k̄
       int4 ? bkv * s.padded_kv * s.padded_dim : 0,          // k8
@@ -132,6 +132,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
       int4 ? bq * q_blocks * s.padded_dim : 0,              // q_mean
       int4 ? bq * q_blocks * 4 : 0,                         // q_mean_scale
       split_floats * 4,                                     // the wgmma kernel's split-tile partials
+      bkv * kv_stats_parts(s.seq_kv) * s.padded_dim * 4,    // kv_stats's K sums per part
   };
   constexpr int kBuffers = sizeof(sizes) / sizeof(sizes[0]);
   int64_t offsets[kBuffers], total = 0;
@@ -162,6 +163,8 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.split_partials = split_floats > 0 ? reinterpret_cast<float*>(base + offsets[11]) : nullptr;
   a.split_counters = split_counters > 0 ? reinterpret_cast<int*>(a.buf.v_amax + bkv * s.padded_dim) : nullptr;
   a.num_split_counters = split_counters;
+  a.buf.k_partial = reinterpret_cast<float*>(base + offsets[12]);
+  a.buf.kv_stats_arrivals = reinterpret_cast<int*>(a.buf.v_amax + bkv * s.padded_dim) + split_counters;
   a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) : nullptr;
   a.sm_scale = static_cast<float>(sm_scale);
   a.causal = is_causal;

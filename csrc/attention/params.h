@@ -21,6 +21,19 @@ constexpr int sm90_consumers(int padded_dim) { return padded_dim <= 64 ? 4 : 3; 
 constexpr int sm90_block_q(int padded_dim) { return sm90_consumers(padded_dim) * kSm90WgRows; }
 constexpr int kSm90BlockK = 128;
 
+// kv_stats's CTAs per K/V head ("parts"): 256 tokens each, and past 64 CTAs more tokens each. Every part
+// writes its channel sums to its own slot and the head's last part to finish adds the slots in part order,
+// so K's mean, and with it K's quantization, does not depend on the order the CTAs ran in.
+constexpr int kStatsTokensPerPart = 256;
+constexpr int kMaxStatsParts = 64;
+constexpr int kv_stats_parts(int seq_kv) {
+  const int parts = (seq_kv + kStatsTokensPerPart - 1) / kStatsTokensPerPart;
+  return parts < 1 ? 1 : parts > kMaxStatsParts ? kMaxStatsParts : parts;
+}
+constexpr int kv_stats_tokens_per_part(int seq_kv) {
+  return (seq_kv + kv_stats_parts(seq_kv) - 1) / kv_stats_parts(seq_kv);
+}
+
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // What P̃·V runs in (the op's `pv` argument; comfy_sage/ops.py PV_CODES): FP16 with fp32 accumulation, FP8
@@ -63,10 +76,12 @@ struct QuantBuffers {
   int8_t* q_mean;        // [B, Hq, padded_q / block_q, padded_dim]
   float* q_mean_scale;   // [B, Hq, padded_q / block_q]  (sm_scale·log2 e folded in)
   float* k_sum;     // [B, Hkv, padded_dim]  (Σ over tokens; the mean is k_sum / seq_kv)
+  float* k_partial;  // [B, Hkv, kv_stats_parts(seq_kv), padded_dim]: each kv_stats CTA's sums of its tokens
   void* v;          // FP8 / INT8: [B, Hkv, padded_dim, padded_kv] e4m3 / int8, tokens permuted in groups of 16;
                     // FP16: [B, Hkv, padded_kv, padded_dim] half
   float* v_amax;    // [B, Hkv, padded_dim] right after k_sum  (FP8 and INT8 only; float bits reduced with atomicMax);
-                    // AttentionArgs::split_counters follow it
+                    // AttentionArgs::split_counters follow it, then kv_stats_arrivals
+  int* kv_stats_arrivals;  // [B, Hkv] kv_stats CTAs finished per head
   float* q_dot_kmean;  // [B, Hq, seq_q] q·k̄ for the LSE, or null
 };
 

@@ -1,6 +1,8 @@
 // Fused quantization of Q, K and V for the attention kernels: one read of each input.
 //
 //   1. kv_stats:  Σ_tokens K per channel (K smoothing's mean) and, for FP8/INT8 P·V, max_tokens |V| per channel.
+//                 Up to 64 CTAs per head; the sum of their parts is taken in a fixed order, so a call's output
+//                 does not change from one run to the next (params.h kv_stats_parts).
 //   2. quant_kv:  per K block of kBlockK tokens: K' = K − k̄ to INT8 with one scale per token group
 //                 {t : (t mod 8) / 2 = j} (4 per block); V to FP8 e4m3 or INT8 per channel, written transposed
 //                 (token index contiguous) with the tokens of each 16-group permuted (see "The 8-bit V layout"), or
@@ -25,7 +27,6 @@ namespace comfy_sage {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kStatsTokensPerCta = 256;
 
 // qmax / amax, kept finite: below amax ≈ 1e-36 the quotient overflows, and 0 · inf would turn zeros into NaN.
 __device__ __forceinline__ float inv_scale(float amax, float qmax) {
@@ -66,7 +67,7 @@ constexpr float qmax() {
 constexpr uint4 kZero16 = {0u, 0u, 0u, 0u};  // eight zeros in fp16 and in bf16
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
+__global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a, int tokens_per_part) {
   const Shape& s = a.shape;
   const int bh = blockIdx.y, b = bh / s.heads_kv, h = bh % s.heads_kv;
   const int vecs = s.head_dim / 8;
@@ -80,8 +81,8 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
     float ks[8] = {}, vm[8] = {};
     const T* kp = static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride + cv * 8;
     const T* vp = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride + cv * 8;
-    const int t0 = blockIdx.x * kStatsTokensPerCta;
-    const int t1 = min(s.seq_kv, t0 + kStatsTokensPerCta);
+    const int t0 = blockIdx.x * tokens_per_part;
+    const int t1 = min(s.seq_kv, t0 + tokens_per_part);
     // Two tokens' loads in flight per step, kept packed until both are issued.
     for (int t = t0 + lane_token; t < t1; t += 2 * tokens_per_iter) {
       const int64_t t2 = t + tokens_per_iter;
@@ -112,14 +113,49 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
   __syncthreads();
   const float* k_flat = reinterpret_cast<const float*>(k_part);
   const float* v_flat = reinterpret_cast<const float*>(v_part);
+  // This part's K sums go to its own slot (params.h kv_stats_parts); a maximum is the same in any order.
+  const int parts = static_cast<int>(gridDim.x);
+  float* k_partial = a.buf.k_partial + static_cast<int64_t>(bh) * parts * s.padded_dim;
   for (int c = threadIdx.x; c < s.head_dim; c += kThreads) {
     float sum = 0.f, mx = 0.f;
     for (int lt = 0; lt < tokens_per_iter; ++lt) {
       sum += k_flat[lt * s.head_dim + c];
       mx = fmaxf(mx, v_flat[lt * s.head_dim + c]);
     }
-    atomicAdd(&a.buf.k_sum[bh * s.padded_dim + c], sum);
+    k_partial[blockIdx.x * s.padded_dim + c] = sum;
     if (a.pv != PvType::kFp16) atomic_max_nonneg(&a.buf.v_amax[bh * s.padded_dim + c], mx);
+  }
+  // The head's last part to finish adds the slots, in a fixed order: kThreads / padded_dim threads per
+  // channel each take every `lanes`-th part (eight loads in flight: one at a time cost 2-6% at 16k tokens),
+  // then one of them adds the lanes' sums.
+  __shared__ int arrived;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) arrived = atomicAdd(&a.buf.kv_stats_arrivals[bh], 1);
+  __syncthreads();
+  if (arrived != parts - 1) return;
+  __threadfence();
+  const int lanes = kThreads / s.padded_dim, c = threadIdx.x % s.padded_dim, slot = threadIdx.x / s.padded_dim;
+  float sum = 0.f;
+  if (c < s.head_dim) {
+    for (int p0 = slot; p0 < parts; p0 += 8 * lanes) {
+      float x[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int part = p0 + i * lanes;
+        x[i] = part < parts ? __ldcg(k_partial + part * s.padded_dim + c) : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum += x[i];
+    }
+  }
+  float* lane_sums = reinterpret_cast<float*>(k_part);  // free since the first __syncthreads after its reads
+  lane_sums[threadIdx.x] = sum;
+  __syncthreads();
+  if (slot == 0 && c < s.head_dim) {
+    float total = 0.f;
+    for (int l = 0; l < lanes; ++l) total += lane_sums[l * s.padded_dim + c];
+    a.buf.k_sum[bh * s.padded_dim + c] = total;
   }
 }
 
@@ -448,8 +484,8 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
   const Shape& s = a.shape;
   const int bh_kv = s.batch * s.heads_kv, bh_q = s.batch * s.heads_q;
   if (s.seq_kv > 0) {
-    kv_stats_kernel<T><<<dim3((s.seq_kv + kStatsTokensPerCta - 1) / kStatsTokensPerCta, bh_kv), kThreads, 0,
-                         stream>>>(a);
+    kv_stats_kernel<T><<<dim3(kv_stats_parts(s.seq_kv), bh_kv), kThreads, 0, stream>>>(
+        a, kv_stats_tokens_per_part(s.seq_kv));
   }
   if (a.qk_bits == 8) {
     if constexpr (kDim <= 128) {  // the wgmma kernel's 128-key groups (head dims 64 and 128 only)
@@ -468,9 +504,11 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
 
 cudaError_t launch_quantize(const AttentionArgs& a, cudaStream_t stream) {
   const Shape& s = a.shape;
-  // k_sum, v_amax and the split counters are one block of memory (params.h): one memset clears them.
+  // k_sum, v_amax, the split counters and kv_stats's arrival counters are one block of memory (params.h):
+  // one memset clears them.
   const size_t dim_bytes = static_cast<size_t>(s.batch) * s.heads_kv * s.padded_dim * sizeof(float);
-  const size_t counter_bytes = static_cast<size_t>(a.num_split_counters) * sizeof(int);
+  const size_t counter_bytes =
+      (static_cast<size_t>(a.num_split_counters) + static_cast<size_t>(s.batch) * s.heads_kv) * sizeof(int);
   cudaError_t err = cudaMemsetAsync(a.buf.k_sum, 0, 2 * dim_bytes + counter_bytes, stream);
   if (err != cudaSuccess) return err;
   const bool bf16 = a.dtype == DType::kBFloat16;

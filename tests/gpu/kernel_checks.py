@@ -124,3 +124,19 @@ def check_int8_pv_long_rows(family: str) -> None:
     assert dispatch.plan(Mode.INT8_INT8, q.device, 128, q.dtype, False).kernel.family == family
     torch.testing.assert_close(out, v[:, :, :64], rtol=1e-2, atol=0)
     check(Mode.INT8_INT8, 128, False, "HND", 1, torch.bfloat16, 200, seq_kv, family=family)
+
+
+def check_deterministic(family: str, modes) -> None:
+    """The same inputs give the same output and LSE bit for bit, call after call: K's channel sums over the
+    64 kv_stats CTAs of each head are added in a fixed order, not in the order the CTAs finish. (With float
+    atomics there, the second call of this check already differed, in both kernel families.) Channel-biased
+    K, whose large sums round at every addition."""
+    q, k, v = inputs(
+        seed(), heads_q=8, heads_kv=8, nq=512, nkv=16384, d=128, dtype=torch.bfloat16, layout="HND", kind="biased"
+    )
+    for mode in modes:
+        assert dispatch.plan(mode, q.device, 128, q.dtype, False).kernel.family == family
+        first_out, first_lse = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=True)
+        for call in range(1, 12):
+            out, lse = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=True)
+            assert torch.equal(out, first_out) and torch.equal(lse, first_lse), f"{mode}: call {call} differs"

@@ -11,6 +11,7 @@ from kernel_checks import (
     assert_as_accurate_as_reference,
     check,
     check_compile_fullgraph,
+    check_deterministic,
     check_int8_pv_long_rows,
     check_opcheck,
     inputs,
@@ -88,6 +89,10 @@ def test_large_values_stay_finite(mode, dtype):
 
 def test_int8_pv_long_rows():
     check_int8_pv_long_rows("sm80")
+
+
+def test_deterministic():
+    check_deterministic("sm80", (*MODES, Mode.INT4_FP8))
 
 
 def test_float32_inputs_return_float32():

@@ -7,7 +7,15 @@ import itertools
 
 import pytest
 import torch
-from kernel_checks import check, check_compile_fullgraph, check_int8_pv_long_rows, check_opcheck, inputs, seed
+from kernel_checks import (
+    check,
+    check_compile_fullgraph,
+    check_deterministic,
+    check_int8_pv_long_rows,
+    check_opcheck,
+    inputs,
+    seed,
+)
 
 import comfy_sage
 from comfy_sage import capability, dispatch, reference
@@ -82,6 +90,10 @@ def test_batch_gqa_causal(mode):
 
 def test_int8_pv_long_rows():
     check_int8_pv_long_rows("sm90")
+
+
+def test_deterministic():
+    check_deterministic("sm90", MODES)
 
 
 @pytest.mark.parametrize(
