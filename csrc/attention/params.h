@@ -31,7 +31,8 @@ constexpr int kv_stats_parts(int seq_kv) {
   return parts < 1 ? 1 : parts > kMaxStatsParts ? kMaxStatsParts : parts;
 }
 constexpr int kv_stats_tokens_per_part(int seq_kv) {
-  return (seq_kv + kv_stats_parts(seq_kv) - 1) / kv_stats_parts(seq_kv);
+  const int parts = kv_stats_parts(seq_kv);
+  return (seq_kv + parts - 1) / parts;
 }
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
