@@ -48,10 +48,33 @@ __device__ __forceinline__ void launder(uint4& raw) {
   asm volatile("" : "+r"(raw.x), "+r"(raw.y), "+r"(raw.z), "+r"(raw.w));
 }
 
-// Eight consecutive elements at `src` (16-byte aligned) as floats.
+// 16 read-only bytes with an L2 eviction priority. The quantization reads K and V twice (their statistics,
+// then the quantization itself): the first read asks L2 to keep them (evict_last), the second, their last
+// use, and Q's one read let them go first (evict_first).
+__device__ __forceinline__ uint64_t l2_evict_last() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t l2_evict_first() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint4 load16_hinted(const void* src, uint64_t policy) {
+  uint4 r;
+  asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(src), "l"(policy));
+  return r;
+}
+__device__ __forceinline__ uint4 load16_keep(const void* src) { return load16_hinted(src, l2_evict_last()); }
+__device__ __forceinline__ uint4 load16_last_use(const void* src) { return load16_hinted(src, l2_evict_first()); }
+
+// Eight consecutive elements at `src` (16-byte aligned) as floats, read for the last time.
 template <typename T>
 __device__ __forceinline__ void load8(float (&x)[8], const T* src) {
-  unpack8<T>(x, *reinterpret_cast<const uint4*>(src));
+  unpack8<T>(x, load16_last_use(src));
 }
 
 // atomicMax for non-negative floats: their bit patterns order like the values.

@@ -38,14 +38,27 @@ __device__ __forceinline__ int quantize(float x, float inv) {
   return max(-kQMax, min(kQMax, __float2int_rn(x * inv)));
 }
 
+// rint(x · inv) as INT8 in the low byte of the returned word, for |x · inv| ≤ 127: adding 1.5 · 2^23 to the
+// rounded product leaves the integer (ties to even, as __float2int_rn) in the float's low mantissa bits,
+// two's complement in its low byte. Two FMA-pipe instructions where a conversion takes the special-function
+// unit; no clamp, since every caller's inv is 127 / amax of the very values it quantizes (finite inputs).
+__device__ __forceinline__ uint32_t int8_in_low_byte(float x, float inv) {
+  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), 12582912.f));
+}
+// The low bytes of four words as one (the first in the lowest byte).
+__device__ __forceinline__ uint32_t pack_low_bytes(uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
+  return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
+}
+
 // Eight values as INT8 (8 bytes) or INT4 (4 bytes: value 2j in the low nibble of byte j, 2j+1 in the high).
 template <int kBits>
 __device__ __forceinline__ void store_packed(int8_t* dst, const float (&x)[8], float inv) {
   if constexpr (kBits == 8) {
-    uint32_t w[2] = {0u, 0u};
+    uint32_t q[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) w[e / 4] |= static_cast<uint32_t>(quantize<127>(x[e], inv) & 0xff) << (8 * (e % 4));
-    *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    for (int e = 0; e < 8; ++e) q[e] = int8_in_low_byte(x[e], inv);
+    *reinterpret_cast<uint2*>(dst) =
+        make_uint2(pack_low_bytes(q[0], q[1], q[2], q[3]), pack_low_bytes(q[4], q[5], q[6], q[7]));
   } else {
     uint32_t w = 0u;
 #pragma unroll
@@ -87,12 +100,12 @@ __global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a, int
     for (int t = t0 + lane_token; t < t1; t += 2 * tokens_per_iter) {
       const int64_t t2 = t + tokens_per_iter;
       const bool second = t2 < t1;
-      const uint4 k0 = *reinterpret_cast<const uint4*>(kp + t * a.k.token_stride);
-      const uint4 k1 = second ? *reinterpret_cast<const uint4*>(kp + t2 * a.k.token_stride) : kZero16;
+      const uint4 k0 = load16_keep(kp + t * a.k.token_stride);
+      const uint4 k1 = second ? load16_keep(kp + t2 * a.k.token_stride) : kZero16;
       uint4 v0 = kZero16, v1 = kZero16;
       if (a.pv != PvType::kFp16) {
-        v0 = *reinterpret_cast<const uint4*>(vp + t * a.v.token_stride);
-        if (second) v1 = *reinterpret_cast<const uint4*>(vp + t2 * a.v.token_stride);
+        v0 = load16_keep(vp + t * a.v.token_stride);
+        if (second) v1 = load16_keep(vp + t2 * a.v.token_stride);
       }
       float x[8], y[8];
       unpack8<T>(x, k0);
@@ -198,8 +211,8 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int64_t t = t0 + (threadIdx.x + i * kThreads) / kVecs;
-    xr[i] = token_in(i) ? *reinterpret_cast<const uint4*>(static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride +
-                                                           h * a.k.head_stride + t * a.k.token_stride + c)
+    xr[i] = token_in(i) ? load16_last_use(static_cast<const T*>(a.k.ptr) + b * a.k.batch_stride + h * a.k.head_stride +
+                                          t * a.k.token_stride + c)
                         : kZero16;
   }
   float m = 0.f;
@@ -263,10 +276,10 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const float inv = inv_scale(c + e < s.head_dim ? v_amax[c + e] : 0.f, kInt8 ? kInt8Max : kFp8Max);
-          uint32_t word = 0u;
+          uint32_t word;
           if constexpr (kInt8) {
-#pragma unroll
-            for (int k = 0; k < 4; ++k) word |= static_cast<uint32_t>(quantize<127>(y[k][e], inv) & 0xff) << (8 * k);
+            word = pack_low_bytes(int8_in_low_byte(y[0][e], inv), int8_in_low_byte(y[1][e], inv),
+                                  int8_in_low_byte(y[2][e], inv), int8_in_low_byte(y[3][e], inv));
           } else {
             word = pack_e4m3x2(y[0][e] * inv, y[1][e] * inv) |
                    (static_cast<uint32_t>(pack_e4m3x2(y[2][e] * inv, y[3][e] * inv)) << 16);
@@ -326,9 +339,8 @@ __device__ __forceinline__ void quant_q_block(const AttentionArgs& a, int block,
     for (int i = 0; i < kVecsPerLane; ++i) {
       const int c = (quad + 4 * i) * 8;
       raw[r][i] = rows[r] < s.seq_q && c < s.head_dim
-                      ? *reinterpret_cast<const uint4*>(static_cast<const T*>(a.q.ptr) + b * a.q.batch_stride +
-                                                        h * a.q.head_stride +
-                                                        static_cast<int64_t>(rows[r]) * a.q.token_stride + c)
+                      ? load16_last_use(static_cast<const T*>(a.q.ptr) + b * a.q.batch_stride + h * a.q.head_stride +
+                                        static_cast<int64_t>(rows[r]) * a.q.token_stride + c)
                       : kZero16;
     }
   }
