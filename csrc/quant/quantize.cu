@@ -250,15 +250,17 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
   if (a.pv != PvType::kFp16) {
     // FP8 / INT8 V^T, per channel, tokens permuted in groups of 16 (the 8-bit V layout): the 4 bytes at positions
     // 4q..4q+3 of a group hold tokens 2q, 2q+1, 8+2q, 9+2q. One item = those 4 tokens × 8 channels, written
-    // as 8 words; a warp's 32 items (q, group) of one channel vector store 128 contiguous bytes per channel.
+    // as 8 words. A warp's 32 items are two adjacent channel vectors (lanes' low bit) × 4 q × 4 groups: each load
+    // instruction reads 16 tokens × 32 contiguous bytes (whole sectors), each store 64 contiguous bytes a channel.
     constexpr int kGroups = kBlockK / 16, kItems = kBlockK / 4 * kVecs;
+    static_assert(kVecs % 2 == 0 && kGroups % 4 == 0, "a warp's items: 2 channel vectors × 4 q × 4 groups");
     const float* v_amax = a.buf.v_amax + bh * s.padded_dim;
     // The byte format a compile-time choice (`int8`: std::true_type for INT8, std::false_type for FP8), so the
     // loop holds no branch on it (one made ptxas spill on sm_80/86 at head dim 256).
     auto write_v = [&](auto int8) {
       constexpr bool kInt8 = decltype(int8)::value;
       for (int item = threadIdx.x; item < kItems; item += kThreads) {
-        const int q = item % 4, grp = (item / 4) % kGroups, cv = item / (4 * kGroups), c = cv * 8;
+        const int q = item / 2 % 4, grp = item / 8 % kGroups, cv = item / (8 * kGroups) * 2 + item % 2, c = cv * 8;
         const int toks[4] = {2 * q, 2 * q + 1, 8 + 2 * q, 9 + 2 * q};
         float y[4][8];
 #pragma unroll
