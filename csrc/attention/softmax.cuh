@@ -75,9 +75,9 @@ struct OnlineSoftmax {
         // The maxima are integers, so alpha = 2^-gap is built from its exponent bits, and neither it nor the
         // shift takes the special-function unit the exponentials wait on (a MUFU and an F2I per row and
         // block). gap = m_new - m_old is a whole number, +inf where m_old = -inf and NaN where both are:
-        // fminf makes those 127 (alpha 0; O is still 0 there), and adding 1.5 * 2^23 puts it in the low
+        // fminf makes those 127 (alpha 0; O is still 0 there), and adding kRoundingBias puts it in the low
         // bits of a float's word.
-        const int gap = __float_as_int(fminf(m_new - m[half], 127.f) + 12582912.f) - 0x4B400000;
+        const int gap = __float_as_int(fminf(m_new - m[half], 127.f) + kRoundingBias) - kRoundingBiasBits;
         alpha = __int_as_float((127 - gap) << 23);
         shift[half] = min(gap, 31);
       } else {

@@ -14,6 +14,10 @@ constexpr float kInt4Max = 7.0f;
 constexpr float kInf = std::numeric_limits<float>::infinity();  // portable: MSVC has no __builtin_huge_valf
 constexpr float kFloatMax = 3.40282347e38f;
 constexpr float kMinScale = 1.17549435e-38f;  // FLT_MIN: a zero dequantization scale, kept positive
+// 1.5 · 2^23: adding it to a float x with |x| < 2^22 rounds x to an integer (ties to even) and leaves that
+// integer, two's complement, in the sum's low mantissa bits (its word minus this constant's word).
+constexpr float kRoundingBias = 12582912.0f;
+constexpr int kRoundingBiasBits = 0x4B400000;  // its word
 
 constexpr int kWarpSize = 32;
 // Rows of an m16n8 accumulator a lane holds differ by 8 (rows ≡ lane/4 mod 8 share one Q scale);

@@ -38,12 +38,12 @@ __device__ __forceinline__ int quantize(float x, float inv) {
   return max(-kQMax, min(kQMax, __float2int_rn(x * inv)));
 }
 
-// rint(x · inv) as INT8 in the low byte of the returned word, for |x · inv| ≤ 127: adding 1.5 · 2^23 to the
-// rounded product leaves the integer (ties to even, as __float2int_rn) in the float's low mantissa bits,
-// two's complement in its low byte. Two FMA-pipe instructions where a conversion takes the special-function
-// unit; no clamp, since every caller's inv is 127 / amax of the very values it quantizes (finite inputs).
+// rint(x · inv) as INT8 in the low byte of the returned word, for |x · inv| ≤ 127: kRoundingBias added to the
+// rounded product (ties to even, as __float2int_rn); its low byte is 0. Two FMA-pipe instructions where a
+// conversion takes the special-function unit; no clamp, since every caller's inv is 127 / amax of the very
+// values it quantizes (finite inputs).
 __device__ __forceinline__ uint32_t int8_in_low_byte(float x, float inv) {
-  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), 12582912.f));
+  return __float_as_uint(__fadd_rn(__fmul_rn(x, inv), kRoundingBias));
 }
 // The low bytes of four words as one (the first in the lowest byte).
 __device__ __forceinline__ uint32_t pack_low_bytes(uint32_t b0, uint32_t b1, uint32_t b2, uint32_t b3) {
