@@ -80,8 +80,9 @@ constexpr float qmax() {
 constexpr uint4 kZero16 = {0u, 0u, 0u, 0u};  // eight zeros in fp16 and in bf16
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a, int tokens_per_part) {
+__global__ void __launch_bounds__(kThreads) kv_stats_kernel(AttentionArgs a) {
   const Shape& s = a.shape;
+  const int tokens_per_part = kv_stats_tokens_per_part(s.seq_kv);  // gridDim.x parts (kv_stats_parts)
   const int bh = blockIdx.y, b = bh / s.heads_kv, h = bh % s.heads_kv;
   const int vecs = s.head_dim / 8;
   const int tokens_per_iter = kThreads / vecs;
@@ -498,8 +499,7 @@ void launch_typed(const AttentionArgs& a, cudaStream_t stream) {
   const Shape& s = a.shape;
   const int bh_kv = s.batch * s.heads_kv, bh_q = s.batch * s.heads_q;
   if (s.seq_kv > 0) {
-    kv_stats_kernel<T><<<dim3(kv_stats_parts(s.seq_kv), bh_kv), kThreads, 0, stream>>>(
-        a, kv_stats_tokens_per_part(s.seq_kv));
+    kv_stats_kernel<T><<<dim3(kv_stats_parts(s.seq_kv), bh_kv), kThreads, 0, stream>>>(a);
   }
   if (a.qk_bits == 8) {
     if constexpr (kDim <= 128) {  // the wgmma kernel's 128-key groups (head dims 64 and 128 only)
