@@ -1,7 +1,7 @@
 """What a tile of the wgmma kernel costs besides its K blocks: the attention kernel's GPU time (profiler) at a
 fixed number of tiles (four whole waves on a 132-SM H100, so that nothing is split) and a growing number of
 K blocks per tile, and the line through those times: µs per K block and wave, and the fixed µs per tile (its
-start, the pipeline's fill and drain, the epilogue). For kernel development (docs/hopper-notes.md, t2).
+start, the pipeline's fill and drain, the epilogue). For kernel development (docs/hopper-notes.md, k1).
 
     python scripts/tile_cost.py [--mode int8_int8] [--head-dim 128] [--waves 4]
 """
