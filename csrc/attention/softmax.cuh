@@ -51,54 +51,68 @@ struct OnlineSoftmax {
   // addition of the previous block's P̃·V).
   __device__ __forceinline__ void scores(float (&s)[kTiles][4], float scale, float offset) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      // Max and sum as trees of kWays independent chains: a single chain of kTiles dependent FMNMX/FADD
-      // leaves the warp waiting on each one's latency (few warps per scheduler hide it).
-      float part[kWays];
+    for (int half = 0; half < 2; ++half) row_scores(s, half, lane_max(s, half), scale, offset);
+  }
+  // `scores` for a caller that has each row's maximum over this lane's keys (unscaled) already.
+  __device__ __forceinline__ void scores(float (&s)[kTiles][4], const float (&lane_max)[2], float scale,
+                                         float offset) {
 #pragma unroll
-      for (int w = 0; w < kWays; ++w) part[w] = -kInf;
+    for (int half = 0; half < 2; ++half) row_scores(s, half, lane_max[half], scale, offset);
+  }
+
+  // The maximum of row `half` over this lane's keys, as a tree of kWays independent chains: a single chain of
+  // kTiles dependent FMNMX leaves the warp waiting on each one's latency (few warps per scheduler hide it).
+  __device__ __forceinline__ static float lane_max(const float (&s)[kTiles][4], int half) {
+    float part[kWays];
 #pragma unroll
-      for (int n = 0; n < kTiles; ++n) {
-        part[n % kWays] = fmaxf(part[n % kWays], fmaxf(s[n][2 * half], s[n][2 * half + 1]));
-      }
-      float mx = combine_max(part);
-      // Each lane of the quad has its own K scale: compare scaled values across lanes. kIntegerMax rounds
-      // up here and in `base` below, so that no exponent exceeds `offset` even where the logits are so large
-      // that a float's step is above 1: P̃ must stay within the byte INT8 P·V packs it into.
-      mx = kIntegerMax ? __fmul_ru(mx, scale) : mx * scale;
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[half], kIntegerMax ? ceilf(mx) : mx);
-      const float m_use = m_new == -kInf ? 0.f : m_new;
-      float alpha;
-      if constexpr (kIntegerMax) {
-        // The maxima are integers, so alpha = 2^-gap is built from its exponent bits, and neither it nor the
-        // shift takes the special-function unit the exponentials wait on (a MUFU and an F2I per row and
-        // block). gap = m_new - m_old is a whole number, +inf where m_old = -inf and NaN where both are:
-        // fminf makes those 127 (alpha 0; O is still 0 there), and adding kRoundingBias puts it in the low
-        // bits of a float's word.
-        const int gap = __float_as_int(fminf(m_new - m[half], 127.f) + kRoundingBias) - kRoundingBiasBits;
-        alpha = __int_as_float((127 - gap) << 23);
-        shift[half] = min(gap, 31);
-      } else {
-        alpha = fast_exp2(m[half] - m_use);
-      }
-      this->alpha[half] = alpha;
-      const float base = kIntegerMax ? __fsub_ru(m_use, offset) : m_use - offset;
+    for (int w = 0; w < kWays; ++w) part[w] = -kInf;
 #pragma unroll
-      for (int w = 0; w < kWays; ++w) part[w] = 0.f;
-#pragma unroll
-      for (int n = 0; n < kTiles; ++n) {
-#pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e) {
-          s[n][e] = fast_exp2(fmaf(s[n][e], scale, -base));
-          part[n % kWays] += s[n][e];
-        }
-      }
-      const float sum = combine_sum(part);
-      l[half] = l[half] * alpha + sum;
-      m[half] = m_new;
+    for (int n = 0; n < kTiles; ++n) {
+      part[n % kWays] = fmaxf(part[n % kWays], fmaxf(s[n][2 * half], s[n][2 * half + 1]));
     }
+    return combine_max(part);
+  }
+
+  // Row `half` given `mx`, its maximum over this lane's keys: the quad's maximum, the rescale and the
+  // exponentials, and the row sum (again as kWays chains).
+  __device__ __forceinline__ void row_scores(float (&s)[kTiles][4], int half, float mx, float scale, float offset) {
+    float part[kWays];
+    // Each lane of the quad has its own K scale: compare scaled values across lanes. kIntegerMax rounds
+    // up here and in `base` below, so that no exponent exceeds `offset` even where the logits are so large
+    // that a float's step is above 1: P̃ must stay within the byte INT8 P·V packs it into.
+    mx = kIntegerMax ? __fmul_ru(mx, scale) : mx * scale;
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[half], kIntegerMax ? ceilf(mx) : mx);
+    const float m_use = m_new == -kInf ? 0.f : m_new;
+    float alpha;
+    if constexpr (kIntegerMax) {
+      // The maxima are integers, so alpha = 2^-gap is built from its exponent bits, and neither it nor the
+      // shift takes the special-function unit the exponentials wait on (a MUFU and an F2I per row and
+      // block). gap = m_new - m_old is a whole number, +inf where m_old = -inf and NaN where both are:
+      // fminf makes those 127 (alpha 0; O is still 0 there), and adding kRoundingBias puts it in the low
+      // bits of a float's word.
+      const int gap = __float_as_int(fminf(m_new - m[half], 127.f) + kRoundingBias) - kRoundingBiasBits;
+      alpha = __int_as_float((127 - gap) << 23);
+      shift[half] = min(gap, 31);
+    } else {
+      alpha = fast_exp2(m[half] - m_use);
+    }
+    this->alpha[half] = alpha;
+    const float base = kIntegerMax ? __fsub_ru(m_use, offset) : m_use - offset;
+#pragma unroll
+    for (int w = 0; w < kWays; ++w) part[w] = 0.f;
+#pragma unroll
+    for (int n = 0; n < kTiles; ++n) {
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e) {
+        s[n][e] = fast_exp2(fmaf(s[n][e], scale, -base));
+        part[n % kWays] += s[n][e];
+      }
+    }
+    const float sum = combine_sum(part);
+    l[half] = l[half] * alpha + sum;
+    m[half] = m_new;
   }
 
   __device__ __forceinline__ static float combine_max(const float (&p)[kWays]) {

@@ -33,6 +33,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 
 #include "../attention/epilogue.cuh"
@@ -291,6 +292,34 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
                           float k_scale, OnlineSoftmax<Tr::kSTiles, kIntPv>& softmax, auto masked) {
     const float scale = fmaxf(q_scale * k_scale, kMinScale);
     const int key0 = kb * Tr::kBlockK;
+    if constexpr (kSoftmaxUnderPv) {
+      // Each row's maximum over the lane's keys taken on the int32 S (exact: |S| < 2^24) beside the
+      // conversions instead of after them.
+      int part[2][2] = {{INT_MIN, INT_MIN}, {INT_MIN, INT_MIN}};
+#pragma unroll
+      for (int n = 0; n < Tr::kSTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          int v = acc[4 * n + e];
+          sf[n][e] = static_cast<float>(v);
+          if constexpr (decltype(masked)::value) {
+            const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+            const bool hidden = key >= s.seq_kv || (a.causal && key > row + diag);
+            sf[n][e] = hidden ? -kInf : sf[n][e];
+            v = hidden ? INT_MIN : v;
+          }
+          part[e >> 1][n % 2] = max(part[e >> 1][n % 2], v);
+        }
+      }
+      float lane_max[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int mx = max(part[half][0], part[half][1]);
+        lane_max[half] = mx == INT_MIN ? -kInf : static_cast<float>(mx);
+      }
+      softmax.scores(sf, lane_max, scale, exp_offset);
+      return;
+    }
 #pragma unroll
     for (int n = 0; n < Tr::kSTiles; ++n) {
 #pragma unroll
