@@ -451,10 +451,14 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
       first_masked = min(first_masked, hidden_after < 0 ? 0 : hidden_after / Tr::kBlockK + 1);
     }
     if constexpr (kSoftmaxUnderPv) {
-      // The softmax of block kb (its S in s_acc, waited for) into the P̃ words `pw`.
+      // The softmax of block kb (its S in s_acc, waited for) into the P̃ words `pw`. The next block's K scale
+      // is loaded here, a block ahead: loaded inside the softmax that uses it, ptxas placed the wait for the
+      // P̃·V before the exponentials of every unmasked block (the order above then held only in masked ones).
+      float next_k_scale = k_scales[kb0 * kColGroups + t];
       auto softmax_of = [&](int kb, auto masked, uint32_t (&pw)[Tr::kBlockK / 32][4]) {
         float sf[Tr::kSTiles][4];
-        softmax_step(sf, s_acc, kb, k_scales[kb * kColGroups + t], softmax, masked);
+        softmax_step(sf, s_acc, kb, next_k_scale, softmax, masked);
+        next_k_scale = k_scales[min(kb + 1, num_k_blocks - 1) * kColGroups + t];
         pack_p(sf, pw);
       };
       // The P̃ words into the tile, and the accumulator relative to the new row maxima (the previous P̃·V
