@@ -11,6 +11,7 @@ cp .devbuild/comfy_sage/_C*.so comfy_sage/ || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -m comfy_sage doctor | tee "$out/doctor.txt"
 timeout 300 python3 -m pytest tests/gpu -q -x -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-tests.log" | tail -25
+python3 scripts/sass_schedule.py 2>&1 | tee "$out/sass-schedule.txt"  # the wgmma kernel's instruction orders
 if [ -z "${SKIP_SANITIZER:-}" ]; then
     PYTHONPATH=. timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 scripts/sanitize_cases.py 2>&1 | tail -8 | tee "$out/memcheck.log"
     PYTHONPATH=. timeout 120 compute-sanitizer --tool racecheck --print-limit 20 python3 scripts/sanitize_cases.py --family sm90 2>&1 | tail -8 | tee "$out/racecheck.log"

@@ -128,7 +128,7 @@ struct Sm90Traits {
   // then spill and run 20% slower, i5), and only in the plain instantiation: the split one measured 11% slower
   // with it (docs/hopper-notes.md, g10). Without the stores nothing in memory orders a block's softmax before
   // the turn's barrier, and after edits elsewhere ptxas has sunk it below (the consumer then holds the turn
-  // through its exponentials: ~60% speed); check that instantiation's SASS after any change (g14).
+  // through its exponentials: ~60% speed); scripts/sass_schedule.py checks the order (g14).
   static constexpr bool kPRegs = kDim == 64 && !kIntPv;
   // The consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a ring): each issues
   // one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then hands over and runs
@@ -455,7 +455,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     if constexpr (kSoftmaxUnderPv) {
       // The softmax of block kb (its S in s_acc, waited for) into the P̃ words `pw`. The next block's K scale
       // is loaded here, a block ahead: loaded inside the softmax that uses it, ptxas placed the wait for the
-      // P̃·V before the exponentials of every unmasked block (the order above then held only in masked ones).
+      // P̃·V before the exponentials of every unmasked block (the order above then held only in masked ones;
+      // scripts/sass_schedule.py checks it).
       float next_k_scale = k_scales[kb0 * kColGroups + t];
       auto softmax_of = [&](int kb, auto masked, uint32_t (&pw)[Tr::kBlockK / 32][4]) {
         float sf[Tr::kSTiles][4];
