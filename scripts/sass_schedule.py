@@ -103,9 +103,8 @@ def check_pv_wait(name: str, loop: list[str]) -> list[Finding]:
     findings = []
     for body, start in enumerate(i for i, op in enumerate(ops) if op == "BAR.ARV"):
         end = next((i for i in range(start, len(ops)) if ops[i].startswith("MEMBAR")), len(ops))
-        segment = loop[start:end]
-        exps = [i for i, x in enumerate(segment) if opcode(x) == "MUFU.EX2"]
-        waits = [i for i, x in enumerate(segment) if opcode(x) == "WARPGROUP.DEPBAR.LE" and text(x).endswith("0x0 ;")]
+        exps = [i for i in range(start, end) if ops[i] == "MUFU.EX2"]
+        waits = [i for i in range(start, end) if ops[i] == "WARPGROUP.DEPBAR.LE" and text(loop[i]).endswith("0x0 ;")]
         if len(exps) < EXPONENTIALS_PER_BLOCK or not waits:
             findings.append(Finding(name, body, False, f"{len(exps)} exponentials, {len(waits)} P̃·V waits"))
             continue
@@ -134,9 +133,12 @@ def check(kernels: dict[str, list[str]]) -> list[Finding]:
     findings: list[Finding] = []
     for name, lines in sorted(kernels.items()):
         if INT8_D128.search(name):
-            findings += check_pv_wait(name, main_loop(lines)) or [Finding(name, -1, False, "no K loop found")]
+            checker = check_pv_wait
         elif FP8_D64_PLAIN.search(name):
-            findings += check_turn_barrier(name, main_loop(lines)) or [Finding(name, -1, False, "no K loop found")]
+            checker = check_turn_barrier
+        else:
+            continue
+        findings += checker(name, main_loop(lines)) or [Finding(name, -1, False, "no K loop found")]
     return findings
 
 
