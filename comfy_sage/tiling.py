@@ -53,6 +53,9 @@ SM80_WIDE = Tiling(block_q=64, warp_q=16, block_k=64)
 # Its CTAs hold 192 Q rows (three consumer warpgroups), but it runs INT8 only, without Q smoothing, so no
 # quantization depends on block_q: 128 keeps the reference's Q-smoothing unit a power of two.
 SM90 = Tiling(block_q=128, warp_q=16, block_k=128, int8_p_via_fp16=False)
+# Q rows one wgmma CTA holds, by padded head dim (csrc/attention/params.h sm90_block_q): 64 per consumer
+# warpgroup, three of them at head dim 128 and four at 64. What the tile count, and so the waves, follow.
+SM90_CTA_ROWS = {128: 192, 64: 256}
 
 
 def sm80_tiling(head_dim: int) -> Tiling:

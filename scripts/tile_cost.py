@@ -14,11 +14,7 @@ import torch
 
 import comfy_sage
 from comfy_sage import dispatch
-from comfy_sage.tiling import SM90
-
-# Q rows a CTA of the wgmma kernel holds (csrc/attention/params.h sm90_block_q): 64 per consumer warpgroup,
-# three of them at head dim 128 and four at 64.
-CTA_ROWS = {128: 192, 64: 256}
+from comfy_sage.tiling import SM90, SM90_CTA_ROWS
 
 
 def kernel_us(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, calls: int = 10) -> float:
@@ -42,7 +38,7 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("tile_cost.py times the sm_90a kernel: it needs an H100-class GPU")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    rows = CTA_ROWS[args.head_dim]
+    rows = SM90_CTA_ROWS[args.head_dim]
     tiles = args.waves * sms
     points = []
     for q_blocks in (12, 24, 48, 132):  # tiles per head; K blocks per tile = q_blocks * rows / 128

@@ -20,7 +20,7 @@ from kernel_checks import (
 import comfy_sage
 from comfy_sage import capability, dispatch, reference
 from comfy_sage.modes import Mode
-from comfy_sage.tiling import SM90
+from comfy_sage.tiling import SM90, SM90_CTA_ROWS
 
 HEAD_DIMS = (64, 128, 40, 80, 96, 120)
 LENGTHS = ((1, 1), (77, 77), (1000, 1000), (4097, 4097), (300, 1000), (1000, 300), (128, 256), (129, 127))
@@ -60,15 +60,15 @@ def test_split_tiles(mode):
     check(mode, 64, False, "NHD", 4, torch.float16, 192, 2049, kind="biased", family="sm90")
 
 
-# 16 query heads (check's gqa 8) of these lengths make 144 tiles at both head dims (params.h sm90_block_q:
-# 192-row tiles at 128, 256 at 64): more than one wave, a short last one, split along the 2100 keys.
-SPLIT_TAIL = ((128, 1700, 192), (64, 2200, 256))
+# 16 query heads (check's gqa 8) of these lengths make 144 tiles at both head dims (SM90_CTA_ROWS: 192-row
+# tiles at 128, 256 at 64): more than one wave, a short last one, split along the 2100 keys.
+SPLIT_TAIL = ((128, 1700), (64, 2200))
 SPLIT_TAIL_KEYS = 2100
 
 
-def assert_short_last_wave(nq: int, cta_rows: int) -> None:
+def assert_short_last_wave(nq: int, head_dim: int) -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = 16 * -(-nq // cta_rows)
+    tiles = 16 * -(-nq // SM90_CTA_ROWS[head_dim])
     assert sms < tiles < 2 * sms, (tiles, sms)
 
 
@@ -77,8 +77,8 @@ def test_split_tail_after_whole_tiles(mode):
     """More tiles than SMs, the last wave short: the whole tiles run in the plain kernel and the rest in parts
     in the split kernel, launched as its dependent (132 whole + 12 split on an H100 SXM or H200, 114 + 30 on an
     H100 PCIe)."""
-    for d, nq, cta_rows in SPLIT_TAIL:
-        assert_short_last_wave(nq, cta_rows)
+    for d, nq in SPLIT_TAIL:
+        assert_short_last_wave(nq, d)
         check(mode, d, False, "NHD", 8, torch.bfloat16, nq, SPLIT_TAIL_KEYS, family="sm90")
 
 
@@ -168,8 +168,8 @@ def test_cuda_graph_capture_and_side_stream():
 def test_cuda_graph_with_split_tail():
     """A split plan's two launches (the plain kernel and the split kernel as its programmatic dependent),
     captured in a CUDA graph: the replay writes every element of its output, exactly as the eager call does."""
-    d, nq, cta_rows = SPLIT_TAIL[0]
-    assert_short_last_wave(nq, cta_rows)
+    d, nq = SPLIT_TAIL[0]
+    assert_short_last_wave(nq, d)
     q, k, v = inputs(
         seed(), heads_q=16, heads_kv=2, nq=nq, nkv=SPLIT_TAIL_KEYS, d=d, dtype=torch.bfloat16, layout="HND"
     )
