@@ -122,7 +122,8 @@ def _shape_argument(text: str) -> tuple:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    shapes = args.shape or [s for s in bench.SHAPES if not args.only or any(o in s[-1] for o in args.only.split(","))]
+    built_in = bench.STEP_SHAPES if args.steps else bench.SHAPES
+    shapes = args.shape or [s for s in built_in if not args.only or any(o in s[5] for o in args.only.split(","))]
     bench.run(
         args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json,
         plot_path=args.plot, timing=args.timing,
@@ -178,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--only", help="comma-separated substrings of the shape names to run (default: all)")
     which.add_argument(
         "--shape", action="append", type=_shape_argument, metavar="B,H,N,D[,causal]",
-        help="time this shape instead of the built-in ones (repeatable), e.g. 1,24,4096,128 or 1,24,4096,128,1",
+        help="time this shape instead of the built-in ones (repeatable), e.g. 1,24,4096,128 or 1,24,4096,128,1; "
+        "N_q:N_kv for cross attention, e.g. 2,10,4096:77,64",
+    )  # fmt: skip
+    p.add_argument(
+        "--steps", action="store_true",
+        help="the built-in shapes of real steps that the anchor shapes leave out: cross attention over text "
+        "tokens, the lower UNet levels, Flux below 1024²",
     )  # fmt: skip
     p.add_argument(
         "--timing", default="queued", choices=TIMINGS,

@@ -2,11 +2,13 @@
 
 Times what a user pays: one call on bf16 inputs, the implementation's own quantization included. CUDA
 events around each call, median of `repeat` calls after `warmup` (`time_call` says how the calls are issued).
-TOPS = 4·B·H·N²·D / time, halved when causal. Shapes are those of ../shared/design/ANCHORS.md.
+TOPS = 4·B·H·N_q·N_kv·D / time, halved when causal. Shapes are those of ../shared/design/ANCHORS.md, or
+(`STEP_SHAPES`) the shorter calls of real image and video steps that the anchors leave out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import statistics
@@ -27,23 +29,54 @@ SHAPES = (
     (1, 24, 16384, 128, False, "B1 H24 N16k"),
     (1, 24, 16384, 128, True, "LLM prefill (causal)"),
 )
+# The attention calls of real steps that SHAPES leaves out: cross attention over text tokens, the lower levels
+# of SDXL's and SD1.5's UNets, Flux below 1024² (docs/hopper-notes.md, "Shorter K/V"). A seventh field is N_kv
+# where it differs from N.
+STEP_SHAPES = (
+    (2, 20, 1024, 64, False, "SDXL self 32×32"),
+    (2, 10, 4096, 64, False, "SDXL cross 64×64", 77),
+    (2, 20, 1024, 64, False, "SDXL cross 32×32", 77),
+    (2, 8, 4096, 40, False, "SD1.5 self 64×64"),
+    (2, 8, 4096, 40, False, "SD1.5 cross 64×64", 77),
+    (2, 8, 1024, 80, False, "SD1.5 self 32×32"),
+    (1, 24, 1536, 128, False, "Flux 512²"),
+    (1, 24, 2816, 128, False, "Flux 768²"),
+    (1, 12, 32760, 128, False, "Wan 1.3B cross", 512),
+)
+
+
+def shape_sizes(shape: tuple) -> tuple[int, int, int, int, int, bool, str]:
+    """(B, H, N_q, N_kv, D, causal, what) of a SHAPES or STEP_SHAPES entry."""
+    b, h, n, d, causal, what, *kv = shape
+    return b, h, n, kv[0] if kv else n, d, causal, what
 
 
 def parse_shape(text: str) -> tuple:
     """`B,H,N,D` or `B,H,N,D,causal` (causal 0 or 1) as a SHAPES entry, e.g. "1,24,4096,128" for a model's own
-    attention. ValueError names the accepted form."""
+    attention; N may be `N_q:N_kv` (cross attention, e.g. "2,10,4096:77,64"; not causal). ValueError names the
+    accepted form."""
     fields = text.replace(" ", "").split(",")
+    n_kv = None
+    if len(fields) >= 3 and fields[2].count(":") == 1:
+        fields[2], n_kv = fields[2].split(":")
     try:
         values = [int(f) for f in fields]
+        n_kv = None if n_kv is None else int(n_kv)
     except ValueError:
         values = []
-    if len(values) not in (4, 5) or min(values[:4]) < 1 or (len(values) == 5 and values[4] not in (0, 1)):
+    if (
+        len(values) not in (4, 5)
+        or min(values[:4]) < 1
+        or (len(values) == 5 and values[4] not in (0, 1))
+        or (n_kv is not None and (n_kv < 1 or (len(values) == 5 and values[4] == 1)))
+    ):
         raise ValueError(
-            f"shape must be B,H,N,D or B,H,N,D,causal: positive integers, causal 0 or 1 (e.g. 1,24,4096,128); "
-            f"got {text!r}"
+            f"shape must be B,H,N,D or B,H,N,D,causal: positive integers, causal 0 or 1, N as N_q:N_kv for "
+            f"cross attention (not causal) (e.g. 1,24,4096,128 or 2,10,4096:77,64); got {text!r}"
         )
     b, h, n, d, causal = (*values, 0) if len(values) == 4 else values
-    return (b, h, n, d, bool(causal), "your shape")
+    shape = (b, h, n, d, bool(causal), "your shape")
+    return shape if n_kv is None or n_kv == n else (*shape, n_kv)
 
 
 def _peer(module: str, attr: str) -> Callable | None:
@@ -78,9 +111,12 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
 
     def sdpa(backend):
         def run(q, k, v, c):
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=c)
 
+        # The backend is chosen around a shape's timed calls (`run` enters `context`), not inside each call:
+        # `sdpa_kernel` costs the host ~40 µs every time it is entered (H100 machine, torch 2.11), which a
+        # model that calls SDPA does not pay, and which single calls and short queued ones would count.
+        run.context = lambda: sdpa_kernel(backend)
         return run
 
     impls["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
@@ -172,19 +208,25 @@ def run(
     width = max(14, *(len(name) + 2 for name in impls))
     header = f"{'shape':<34}" + "".join(f"{name:>{width}}" for name in impls)
     print(header)
-    for b, h, n, d, causal, what in shapes:
-        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        flops = 4 * b * h * n * n * d / (2 if causal else 1)
-        row = {"shape": [b, h, n, d], "causal": causal, "what": what, "tops": {}}
+    for shape in shapes:
+        b, h, n, n_kv, d, causal, what = shape_sizes(shape)
+        q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, h, n_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        flops = 4 * b * h * n * n_kv * d / (2 if causal else 1)
+        row = {"shape": [b, h, n, d], "causal": causal, "what": what, "tops": {}, "us": {}}
+        if n_kv != n:
+            row["seq_kv"] = n_kv
         for name, fn in impls.items():
             try:
-                seconds = time_call(fn, (q, k, v, causal), warmup, repeat, timing)
+                with getattr(fn, "context", contextlib.nullcontext)():
+                    seconds = time_call(fn, (q, k, v, causal), warmup, repeat, timing)
                 row["tops"][name] = flops / seconds / 1e12
+                row["us"][name] = seconds * 1e6
             except Exception as exc:  # an implementation that cannot run this shape: recorded, not fatal
-                row["tops"][name] = None
+                row["tops"][name] = row["us"][name] = None
                 row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         results.append(row)
-        label = f"B{b} H{h} N{n} D{d}{' causal' if causal else ''}"
+        label = f"B{b} H{h} N{n}{f' Nkv{n_kv}' if n_kv != n else ''} D{d}{' causal' if causal else ''}"
         cells = "".join(f"{(f'{t:.0f}' if t else '—'):>{width}}" for t in row["tops"].values())
         print(f"{label:<34}{cells}", flush=True)
         del q, k, v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -111,3 +112,57 @@ def test_unknown_timing_is_a_value_error():
         bench.time_call(lambda: None, (), warmup=0, repeat=1, timing="fast")
     with pytest.raises(ValueError, match="timing must be one of"):
         bench.run(["int8_fp8"], timing="fast")
+
+
+def test_step_shapes_name_n_kv_only_where_it_differs():
+    for shape in bench.STEP_SHAPES:
+        _, _, n, n_kv, _, causal, what = bench.shape_sizes(shape)
+        assert len(shape) == (6 if n_kv == n else 7) and not causal and what
+    assert bench.shape_sizes((1, 24, 4608, 128, False, "Flux 1024²")) == (1, 24, 4608, 4608, 128, False, "Flux 1024²")
+
+
+def test_sdpa_backends_are_chosen_around_the_timed_calls_not_in_each(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 9))
+    monkeypatch.setattr(bench, "_peer", lambda module, attr: None)
+    impls = bench.implementations([])
+    flags = {}
+    for name, backend_on in (("SDPA cuDNN", torch.backends.cuda.cudnn_sdp_enabled),
+                             ("SDPA flash", torch.backends.cuda.flash_sdp_enabled)):  # fmt: skip
+        with impls[name].context():
+            flags[name] = (backend_on(), torch.backends.cuda.math_sdp_enabled())
+    assert flags == {"SDPA cuDNN": (True, False), "SDPA flash": (True, False)}
+    # Outside the context a call is plain SDPA (PyTorch's own choice): what a model calling SDPA pays.
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    assert torch.equal(impls["SDPA flash"](q, k, v, False), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_run_enters_an_implementations_context_once_per_shape(monkeypatch):
+    log = []
+
+    @contextlib.contextmanager
+    def context():
+        log.append("enter")
+        yield
+        log.append("exit")
+
+    def timed(q, k, v, causal):
+        log.append(("call", tuple(q.shape), tuple(k.shape)))
+
+    timed.context = context
+    monkeypatch.setattr(bench, "implementations", lambda modes: {"x": timed, "y": lambda *a: log.append("y")})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *size, device=None, dtype=None: real_randn(*size, dtype=dtype))
+
+    def time_call(fn, args, warmup, repeat, timing):
+        for _ in range(warmup + repeat):
+            fn(*args)
+        return 1e-3
+
+    monkeypatch.setattr(bench, "time_call", time_call)
+    rows = bench.run([], [(1, 2, 64, 8, False, "cross", 16)], warmup=1, repeat=2)
+    call = ("call", (1, 2, 64, 8), (1, 2, 16, 8))
+    assert log == ["enter", call, call, call, "exit", "y", "y", "y"]
+    assert rows[0]["seq_kv"] == 16 and rows[0]["us"] == {"x": pytest.approx(1000.0), "y": pytest.approx(1000.0)}
+    assert rows[0]["tops"]["x"] == pytest.approx(4 * 2 * 64 * 16 * 8 / 1e-3 / 1e12)

@@ -161,7 +161,35 @@ def test_bench_times_the_shapes_given(monkeypatch):
     assert seen["shapes"] == [(2, 10, 4096, 64, False, "your shape"), (1, 24, 4608, 128, True, "your shape")]
 
 
-@pytest.mark.parametrize("text", ["1,24,4096", "1,24,4096,128,2", "1,0,4096,128", "1,24,4k,128", ""])
+def test_bench_takes_cross_attention_shapes(monkeypatch):
+    from comfy_sage import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda modes, shapes, **kwargs: seen.update(shapes=shapes))
+    assert cli.main(["bench", "--shape", "2,10,4096:77,64", "--shape", "1,24,4608:4608,128"]) == 0
+    assert seen["shapes"] == [(2, 10, 4096, 64, False, "your shape", 77), (1, 24, 4608, 128, False, "your shape")]
+    assert [bench.shape_sizes(s)[2:4] for s in seen["shapes"]] == [(4096, 77), (4608, 4608)]
+
+
+@pytest.mark.parametrize(("argv", "names"), [
+    (["--steps"], [s[5] for s in __import__("comfy_sage.bench").bench.STEP_SHAPES]),
+    (["--steps", "--only", "cross"], ["SDXL cross 64×64", "SDXL cross 32×32", "SD1.5 cross 64×64", "Wan 1.3B cross"]),
+    (["--only", "Wan"], ["Wan 1.3B 480p", "Wan 14B 720p"]),
+])  # fmt: skip
+def test_bench_steps_picks_the_shapes_of_real_steps(monkeypatch, argv, names):
+    from comfy_sage import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda modes, shapes, **kwargs: seen.update(shapes=shapes))
+    assert cli.main(["bench", *argv]) == 0
+    assert [s[5] for s in seen["shapes"]] == names
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1,24,4096", "1,24,4096,128,2", "1,0,4096,128", "1,24,4k,128", "", "2,10,4096:0,64", "2,10,4096:77,64,1",
+     "2,10,4096:,64", "2,10,4096:77:5,64"],
+)  # fmt: skip
 def test_bench_rejects_a_malformed_shape(text, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "--shape", text])
