@@ -14,6 +14,7 @@ from kernel_checks import (
     check_int8_pv_long_rows,
     check_opcheck,
     inputs,
+    poisoned,
     seed,
 )
 
@@ -80,6 +81,38 @@ def test_split_tail_after_whole_tiles(mode):
     for d, nq in SPLIT_TAIL:
         assert_short_last_wave(nq, d)
         check(mode, d, False, "NHD", 8, torch.bfloat16, nq, SPLIT_TAIL_KEYS, family="sm90")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_one_k_block_without_lse(mode):
+    """K/V of at most one 128-key block and no LSE (cross attention over a short text): the quantization's one
+    K/V CTA per head takes K's mean and V's channel scales over its own tokens, and neither kv_stats nor the
+    memset before it runs (quantize.cu, launch_quantize). Poisoned outputs against the reference across head
+    dims, layouts, GQA, causal and input kinds; the same output call after call; close to the same call with
+    the LSE, which takes the statistics from kv_stats."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lengths = ((300, 77), (1000, 1), (129, 128), (4097, 100))
+    for i, (d, layout, (nq, nkv)) in enumerate(itertools.product((64, 128, 40, 96), ("HND", "NHD"), lengths)):
+        gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
+        causal, kind = i % 3 == 0, ("normal", "biased")[(i // 4) % 2]
+        s = seed()
+        q, k, v = inputs(s, heads_q=2 * gqa, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, kind=kind)
+        where = f"seed {s}, {mode} D={d} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} causal={causal} {kind}"
+        call = dict(mode=mode, is_causal=causal, tensor_layout=layout)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            out, reused = poisoned(q, comfy_sage.sageattn, q, k, v, **call)
+            torch.cuda.synchronize()
+        kernels = [e.name.lower() for e in prof.events() if e.device_type.name == "CUDA"]
+        assert kernels and not any("kv_stats" in n or "memset" in n for n in kernels), (kernels, where)
+        assert reused and torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+        truth = reference.exact.attention(q, k, v, tensor_layout=layout, is_causal=causal)
+        ref = reference.sageattn(q, k, v, tiling=SM90, delta_s="int8", **call)
+        err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
+        assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
+        assert torch.equal(comfy_sage.sageattn(q, k, v, **call), out), f"not deterministic ({where})"
+        with_lse, _ = comfy_sage.sageattn(q, k, v, return_lse=True, **call)
+        assert reference.relative_l1(out, with_lse) <= 2e-3, where
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
