@@ -26,11 +26,13 @@ ran = 0
 dtypes = (torch.float16, torch.bfloat16)
 for (family, bits, d, pv), dtype, causal in itertools.product(cases, dtypes, (False, True)):
     # The wgmma kernel gets more K blocks (700 keys: 6 of 128) than its 4-stage ring holds, so stage reuse
-    # is under the sanitizers too.
-    seq_kv = 700 if family == 90 else (70 if causal else 200)
-    q, k, v = make_qkv(1, 4, 130, d, heads_kv=2, seq_kv=seq_kv, dtype=dtype, device="cuda")
-    out, lse = torch.ops.comfy_sage.attention(q, k, v, 0, bits, ops.PV_CODES[pv], causal, d**-0.5, True, family)
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all(), (family, bits, d, pv, dtype, causal)
-    ran += 1
+    # is under the sanitizers too; and, without the LSE, K/V of one K block (77 keys), whose statistics the
+    # quantization takes in its K/V CTA.
+    for seq_kv, lse in ((700, True), (77, False)) if family == 90 else (((70 if causal else 200), True),):
+        q, k, v = make_qkv(1, 4, 130, d, heads_kv=2, seq_kv=seq_kv, dtype=dtype, device="cuda")
+        args = (q, k, v, 0, bits, ops.PV_CODES[pv], causal, d**-0.5, lse, family)
+        out, _ = torch.ops.comfy_sage.attention(*args)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), (family, bits, d, pv, dtype, causal, seq_kv)
+        ran += 1
 print(f"sanitize cases ran: {ran} variants")
