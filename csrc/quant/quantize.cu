@@ -526,17 +526,29 @@ __host__ __device__ __forceinline__ int kvq_q_blocks(const Shape& s) {
   return (s.padded_q / kSm80WarpQ + kQWarpsMerged - 1) / kQWarpsMerged;
 }
 
+// The kLocalStats variant serves the wgmma family only (launch_quantize), which runs on sm_90 only: elsewhere
+// it is compiled as a trap, not as dead code in every architecture's binary.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+constexpr bool kLocalStatsCompiled = false;
+#else
+constexpr bool kLocalStatsCompiled = true;
+#endif
+
 template <typename T, int kDim, int kBlockK, bool kLocalStats>
 __global__ void __launch_bounds__(kThreads) quant_kvq_kernel(AttentionArgs a) {
-  const Shape& s = a.shape;
-  const int kv_blocks = s.padded_kv / kBlockK, kv_ctas = kv_blocks * s.batch * s.heads_kv;
-  const int cta = blockIdx.x;
-  if (cta < kv_ctas) {
-    quant_kv_block<T, kDim, kBlockK, 8, kLocalStats>(a, cta % kv_blocks, cta / kv_blocks);
+  if constexpr (kLocalStats && !kLocalStatsCompiled) {
+    __trap();
   } else {
-    const int q_blocks = kvq_q_blocks(s);
-    quant_q_block<T, kDim, kSm80WarpQ, 8, kQWarpsMerged>(a, (cta - kv_ctas) % q_blocks, (cta - kv_ctas) / q_blocks,
-                                                         q_blocks);
+    const Shape& s = a.shape;
+    const int kv_blocks = s.padded_kv / kBlockK, kv_ctas = kv_blocks * s.batch * s.heads_kv;
+    const int cta = blockIdx.x;
+    if (cta < kv_ctas) {
+      quant_kv_block<T, kDim, kBlockK, 8, kLocalStats>(a, cta % kv_blocks, cta / kv_blocks);
+    } else {
+      const int q_blocks = kvq_q_blocks(s);
+      quant_q_block<T, kDim, kSm80WarpQ, 8, kQWarpsMerged>(a, (cta - kv_ctas) % q_blocks,
+                                                           (cta - kv_ctas) / q_blocks, q_blocks);
+    }
   }
 }
 
