@@ -216,50 +216,44 @@ __device__ __forceinline__ void quant_kv_block(const AttentionArgs& a, int block
   float mean[8];
   [[maybe_unused]] __shared__ float local_amax[kLocalStats ? kDim : 1];  // V's, for write_v below
   if constexpr (kLocalStats) {
+    // Each thread's K sums and V |max| of its channel vector over its tokens, then one thread per channel
+    // reduces both over the kThreads / kVecs threads that hold it, in thread order.
     load_k();
-    // Each thread's sums (then V's |max|) of its channel vector over its tokens, then every thread adds the
-    // partial sums of its vector's kThreads / kVecs threads in thread order: the same mean in every thread.
-    __shared__ float part[kThreads * 8];
-    float sum[8] = {};
+    const T* v_head = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride;
+    __shared__ float k_part[kThreads * 8], v_part[kThreads * 8], local_mean[kDim];
+    float sum[8] = {}, vm[8] = {};
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       float x[8];
       unpack8<T>(x, xr[i]);  // padded tokens and channels hold zeros
 #pragma unroll
       for (int e = 0; e < 8; ++e) sum[e] += x[e];
-    }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) part[threadIdx.x * 8 + e] = sum[e];
-    __syncthreads();
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      float total = 0.f;
-      for (int u = threadIdx.x % kVecs; u < kThreads; u += kVecs) total += part[u * 8 + e];
-      mean[e] = total * inv_n;
-    }
-    __syncthreads();
-    const T* v_head = static_cast<const T*>(a.v.ptr) + b * a.v.batch_stride + h * a.v.head_stride;
-    float vm[8] = {};
-#pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      if (a.pv != PvType::kFp16 && token_in(i)) {
-        float y[8];
+      if (token_in(i)) {
         const int64_t t = t0 + (threadIdx.x + i * kThreads) / kVecs;
-        unpack8<T>(y, load16_keep(v_head + t * a.v.token_stride + c));
+        unpack8<T>(x, load16_keep(v_head + t * a.v.token_stride + c));
 #pragma unroll
-        for (int e = 0; e < 8; ++e) vm[e] = fmaxf(vm[e], fabsf(y[e]));
+        for (int e = 0; e < 8; ++e) vm[e] = fmaxf(vm[e], fabsf(x[e]));
       }
     }
 #pragma unroll
-    for (int e = 0; e < 8; ++e) part[threadIdx.x * 8 + e] = vm[e];
+    for (int e = 0; e < 8; ++e) {
+      k_part[threadIdx.x * 8 + e] = sum[e];
+      v_part[threadIdx.x * 8 + e] = vm[e];
+    }
     __syncthreads();
     for (int ch = threadIdx.x; ch < kDim; ch += kThreads) {
-      float mx = 0.f;
-      for (int u = ch / 8; u < kThreads; u += kVecs) mx = fmaxf(mx, part[u * 8 + ch % 8]);
+      float total = 0.f, mx = 0.f;
+      for (int u = ch / 8; u < kThreads; u += kVecs) {
+        total += k_part[u * 8 + ch % 8];
+        mx = fmaxf(mx, v_part[u * 8 + ch % 8]);
+      }
+      local_mean[ch] = total * inv_n;
       local_amax[ch] = mx;
       a.buf.v_amax[bh * s.padded_dim + ch] = mx;  // the attention kernel's epilogue scales O by it
     }
     __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 8; ++e) mean[e] = local_mean[c + e];
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) mean[e] = c < s.head_dim ? k_sum[c + e] * inv_n : 0.f;
@@ -590,7 +584,7 @@ cudaError_t launch_quantize(const AttentionArgs& a, cudaStream_t stream) {
   const Shape& s = a.shape;
   // K/V of one wgmma K block (cross attention over up to 128 text tokens), no LSE (its q·k̄ reads k_sum), no
   // split tile: quant_kvq alone, its K/V CTA taking the statistics over its own tokens, one launch where
-  // there were three operations. H100, SDXL's cross attention: 40.4 → 37.9 µs at 64×64 and 31.2 → 28.4 at
+  // there were three operations. H100, SDXL's cross attention: 40.4 → 36.3 µs at 64×64 and 31.2 → 26.4 at
   // 32×32 in CUDA graphs, host time 40 → 31 µs a call, outputs bit for bit the same (hopper notes, q19).
   const bool local_stats = a.qk_bits == 8 && s.block_k == kSm90BlockK && s.padded_kv == kSm90BlockK &&
                            s.seq_kv > 0 && s.padded_dim <= 128 && a.pv != PvType::kFp16 &&
