@@ -29,14 +29,16 @@ def sageattn(
     (float32 is computed in bfloat16 and returned in float32).
     is_causal: causal mask aligned bottom-right when N_q ≠ N_kv; rows that see no key give 0.
     sm_scale: softmax scale, default 1/sqrt(D).
-    mode: "auto" (the fastest accurate mode for this GPU), "int8_fp8", "int4_fp8", "int8_fp16",
-        "int4_fp16", "int8_int8" (INT8 Q·Kᵀ and INT8 P·V with exact integer sums: more accurate than
+    mode: "auto" (the fastest accurate mode for this GPU; on Hopper PyTorch attention where that is faster:
+        fewer than 4,096 query or key tokens, 8,192 causal, or head dims above 128), "int8_fp8", "int4_fp8",
+        "int8_fp16", "int4_fp16", "int8_int8" (INT8 Q·Kᵀ and INT8 P·V with exact integer sums: more accurate than
         "int8_fp8", native on every GPU the kernels support), or "sdpa" (PyTorch attention); a `Mode` works too.
     attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]; runs PyTorch attention.
     return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
 
     A call no kernel can run (no CUDA GPU, an older GPU, a mask, a head dim outside 32..256, kernels not
-    installed) runs PyTorch attention and logs the reason once to the "comfy_sage" logger.
+    installed) runs PyTorch attention and logs the reason once to the "comfy_sage" logger (a call that
+    "auto" leaves to PyTorch attention for speed: once, at INFO).
     """
     # The checks run on every call, so the common case costs little: a `Problem` is built only for a mask (and
     # in the fallback), and the loop that names a flag that is not a bool runs only when one is not.
@@ -60,11 +62,14 @@ def sageattn(
 
 def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
     """Dispatch one validated call (`sizes` from `qkv_sizes`): (out in the caller's layout, LSE or None)."""
-    plan = dispatch.plan(mode, q.device, sizes[-1], q.dtype, attn_mask is not None, sizes[4])
+    plan = dispatch.plan(
+        mode, q.device, sizes[-1], q.dtype, attn_mask is not None, sizes[4], seq_q=sizes[3], is_causal=is_causal,
+        return_lse=return_lse,
+    )  # fmt: skip
     if plan.reason:
-        log_once(plan.reason)
+        log_once(plan.reason, plan.log_level)
     if plan.note:
-        log_once(plan.note)
+        log_once(plan.note, plan.log_level)
     if plan.fallback:
         qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
         problem = Problem(*sizes, layout)

@@ -95,10 +95,20 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
 
     import comfy_sage
     from comfy_sage import dispatch
+    from comfy_sage.modes import Mode
 
     impls: dict[str, Callable] = {}
     for mode in modes:
-        impls[f"comfy_sage {mode}"] = lambda q, k, v, c, m=mode: comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+
+        def ours(q, k, v, c, m=mode):
+            return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+
+        # What the call runs at a shape (`run` records where it is PyTorch attention: Hopper's `auto` below
+        # 4,096 tokens): the same plan `sageattn` makes for bf16 [B, H, N, D] inputs without a mask.
+        ours.plan = lambda q, k, v, c, m=mode: dispatch.plan(
+            Mode.parse(m), q.device, q.shape[-1], q.dtype, False, k.shape[2], seq_q=q.shape[2], is_causal=c
+        )
+        impls[f"comfy_sage {mode}"] = ours
     if torch.cuda.get_device_capability() == (9, 0):
         wgmma_modes = {m.value for m in dispatch.SM90_MODES}  # int8_fp8 and int8_int8
         for mode in (m for m in modes if m in wgmma_modes):
@@ -217,6 +227,9 @@ def run(
         if n_kv != n:
             row["seq_kv"] = n_kv
         for name, fn in impls.items():
+            plan = fn.plan(q, k, v, causal) if hasattr(fn, "plan") else None
+            if plan is not None and plan.fallback:
+                row.setdefault("pytorch_attention", {})[name] = plan.reason
             try:
                 with getattr(fn, "context", contextlib.nullcontext)():
                     seconds = time_call(fn, (q, k, v, causal), warmup, repeat, timing)
@@ -227,9 +240,16 @@ def run(
                 row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         results.append(row)
         label = f"B{b} H{h} N{n}{f' Nkv{n_kv}' if n_kv != n else ''} D{d}{' causal' if causal else ''}"
-        cells = "".join(f"{(f'{t:.0f}' if t else '—'):>{width}}" for t in row["tops"].values())
+        routed = row.get("pytorch_attention", {})
+        cells = "".join(
+            f"{(f'{t:.0f}' if t else '—') + ('*' if name in routed else ''):>{width}}"
+            for name, t in row["tops"].items()
+        )
         print(f"{label:<34}{cells}", flush=True)
         del q, k, v
+    reasons = sorted({why for row in results for why in row.get("pytorch_attention", {}).values()})
+    for why in reasons:
+        print(f"* PyTorch attention ran: {why}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"gpu": gpu, "torch": torch.__version__, "timing": timing, "results": results}, f, indent=2)

@@ -18,10 +18,12 @@ What one attention call runs (`SageOverride.__call__`), in this order
    `attention_pytorch`.
 4. Shapes `comfy_sage.sageattn` does not take (k/v head dims unlike q's, batch or dtype mismatches) and
    calls that need a backward pass go to the fallback (`kernel_blocker`), logged once per reason and model.
-5. `dispatch.plan(mode, device, head_dim, dtype, has_mask)` (cached, no tensor reads): a plan no kernel can
-   run (no CUDA, an old GPU, head dim, dtype, a mask, kernels not installed) goes to the fallback and logs
-   its reason once per patched model; otherwise `comfy_sage.sageattn` runs the kernel. Kernels that load
-   later are picked up without change: the plan says so.
+5. `dispatch.plan(mode, device, head_dim, dtype, has_mask, tokens)` (cached, no tensor reads): a plan no kernel
+   can run (no CUDA, an old GPU, head dim, dtype, a mask, kernels not installed) goes to the fallback and logs
+   its reason once per patched model, and so does a call that `auto` leaves to PyTorch attention because it
+   is faster there (on Hopper: fewer than 4,096 tokens, head dims above 128; logged at INFO); otherwise
+   `comfy_sage.sageattn` runs the kernel. Kernels that load later are picked up without change: the plan
+   says so.
 The fallback is the previous override if there was one, else ComfyUI's `attention_pytorch`, never `func`
 (ComfyUI's global default, which is itself SageAttention under `--use-sage-attention`). Calls arrive with
 `_inside_attn_wrapper` set, so calling a decorated backend does not re-enter the override.
@@ -348,9 +350,14 @@ class SageOverride:
         blocker = kernel_blocker(call)
         if blocker is not None:
             return self._fallback(blocker, func, args, kwargs)
-        plan = dispatch.plan(mode, call.q.device, call.head_dim, call.q.dtype, call.mask is not None)
+        seq = 2 if call.skip_reshape else 1
+        plan = dispatch.plan(
+            mode, call.q.device, call.head_dim, call.q.dtype, call.mask is not None, call.k.shape[seq],
+            seq_q=call.q.shape[seq],
+        )  # fmt: skip
         if plan.fallback:
-            return self._fallback(plan.reason or f"{mode.value} has no kernel here", func, args, kwargs)
+            why = plan.reason or f"{mode.value} has no kernel here"
+            return self._fallback(why, func, args, kwargs, level=plan.log_level)
         out = kernel_attention(call, mode)
         if state is not None:
             state.kernel_calls += 1

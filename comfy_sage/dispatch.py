@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,13 @@ HEAD_DIM_MULTIPLE = 8
 # Hopper's `auto` runs FP8 P·V up to this head dim (the wgmma kernel's INT8 P·V is 10-15% slower there) and
 # INT8 P·V above it (docs/hopper-notes.md a1, i7).
 HOPPER_FP8_PV_MAX_HEAD_DIM = 64
+# Hopper's `auto` runs PyTorch's attention (cuDNN on an H100) where that measured faster than the kernels
+# (docs/hopper-notes.md, "Shorter K/V"): calls with fewer than HOPPER_AUTO_MIN_TOKENS query or key tokens (twice
+# that when causal), where the wgmma kernel's fixed costs (host time, the quantization's launches, each query
+# tile's start and end) outweigh its faster K loop, and calls the wgmma kernel cannot run (head dims above
+# SM90_MAX_HEAD_DIM), which only the mma.sync kernel computes there, 1.6-2.4× slower than cuDNN. Explicit modes
+# and calls asking for the LSE (which PyTorch's attention computes in a second pass) keep the kernels.
+HOPPER_AUTO_MIN_TOKENS = 4096
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -65,10 +73,16 @@ class Plan:
     kernel: KernelSpec | None
     reason: str | None = None
     note: str | None = None
+    faster: bool = False  # `auto` runs PyTorch attention because it is faster here, not for want of a kernel
 
     @property
     def fallback(self) -> bool:
         return self.kernel is None
+
+    @property
+    def log_level(self) -> int:
+        """The level to log `reason` and `note` at: a choice made for speed is news, not a warning."""
+        return logging.INFO if self.faster else logging.WARNING
 
 
 def auto_mode(cc: tuple[int, int] | None, head_dim: int = 128) -> Mode:
@@ -141,16 +155,30 @@ def plan(
     dtype: torch.dtype,
     has_mask: bool,
     seq_kv: int = 0,
+    *,
+    seq_q: int = 0,
+    is_causal: bool = False,
+    return_lse: bool = False,
 ) -> Plan:
-    """The plan for one call's static properties (cached; never reads tensor data). `seq_kv` counts only
-    past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow."""
+    """The plan for one call's static properties (cached; never reads tensor data). The token counts (0:
+    unknown) matter only past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow, and to
+    Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS, with `is_causal` and `return_lse`."""
     long_rows = seq_kv > INT8_PV_MAX_KEYS
-    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows)
+    auto_lse = return_lse and mode is Mode.AUTO
+    few_tokens = (
+        mode is Mode.AUTO
+        and not return_lse
+        and 0 < min(seq_q, seq_kv) < (2 * HOPPER_AUTO_MIN_TOKENS if is_causal else HOPPER_AUTO_MIN_TOKENS)
+    )
+    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows, few_tokens, auto_lse)
     found = _plans.get(key)
     if found is not None:
         return found
     cc = capability.device_capability(device)
-    found = _plan(mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, long_rows)
+    found = _plan(
+        mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, long_rows, few_tokens,
+        auto_lse,
+    )  # fmt: skip
     if device.index is not None or device.type != "cuda":  # "cuda" alone means the current device: it may change
         _plans[key] = found
     return found
@@ -167,6 +195,8 @@ def _plan(
     device_index: int | None = None,
     preferred_family: str | None = None,
     long_rows: bool = False,
+    few_tokens: bool = False,
+    return_lse: bool = False,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -203,6 +233,26 @@ def _plan(
 
     def runs_wgmma(m: Mode) -> bool:
         return wgmma_fits(cc, m, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
+
+    if requested is Mode.AUTO and hopper and dtype in KERNEL_DTYPES and not return_lse and preferred_family is None:
+        sm = capability.sm_name(cc)
+        if not runs_wgmma(mode):  # only the mma.sync kernel could: 1.6-2.4× slower than cuDNN there
+            where = (
+                f"head dims above {SM90_MAX_HEAD_DIM}"
+                if head_dim > SM90_MAX_HEAD_DIM
+                else "a build without sm_90a code"
+            )
+            why = f"{where}, where only the mma.sync kernel runs"
+        elif few_tokens:
+            fewest = HOPPER_AUTO_MIN_TOKENS
+            why = f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)"
+        else:
+            why = None
+        if why:
+            return Plan(
+                requested, Mode.SDPA, None, f"mode 'auto' runs PyTorch attention on {sm} for {why}: faster there",
+                faster=True,
+            )  # fmt: skip
 
     if requested is Mode.AUTO and hopper and not runs_wgmma(mode):
         mode = Mode.INT8_INT8  # see auto_mode

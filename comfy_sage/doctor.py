@@ -44,8 +44,9 @@ def summary(device: torch.device | str | None = None) -> dict:
     info["modes"] = modes
     auto = {}
     for head_dim in REPORTED_HEAD_DIMS:
-        plan = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False)
-        auto[str(head_dim)] = describe(plan)
+        long = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False)
+        short = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False, 1024, seq_q=1024)
+        auto[str(head_dim)] = describe(long) + ("" if short == long else f"; 1,024 tokens: {describe(short)}")
     info["auto"] = auto
     return info
 

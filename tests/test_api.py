@@ -147,27 +147,32 @@ def test_notes_are_logged_once(gen, fresh_state, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="comfy_sage")
     note = "INT4 tensor cores are emulated on sm_90, so INT8 Q·Kᵀ runs instead"
     fake = dispatch.Plan(Mode.INT4_FP8, Mode.SDPA, None, "a reason", note)
-    monkeypatch.setattr(dispatch, "plan", lambda *args: fake)
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: fake)
     q, k, v = small(gen)
     for _ in range(10):
         sageattn(q, k, v, mode="int4_fp8")
     assert reasons(caplog) == ["a reason", note]
 
 
-def test_plan_sees_the_key_count(gen, fresh_state, monkeypatch):
-    # INT8 P·V changes plan past INT8_PV_MAX_KEYS keys, so the call hands the plan N_kv (not N_q).
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_plan_sees_the_token_counts_causality_and_lse(gen, fresh_state, monkeypatch, layout):
+    # INT8 P·V changes plan past INT8_PV_MAX_KEYS keys, and Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS query
+    # or key tokens (twice that causal, never with the LSE), so the call hands the plan all four.
     seen = []
     real = dispatch.plan
 
-    def spy(*args):
-        seen.append(args)
-        return real(*args)
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, "plan", spy)
     q, _, _ = small(gen)
     k = torch.randn(q.shape[0], q.shape[1], 37, q.shape[3], generator=gen).to(q.dtype)
-    sageattn(q, k, k.clone(), mode="int8_int8")
-    assert seen and seen[-1][-1] == 37 != q.shape[2]
+    q, k = (t.transpose(1, 2) if layout == "NHD" else t for t in (q, k))
+    for causal, lse in ((False, False), (True, True)):
+        sageattn(q, k, k.clone(), tensor_layout=layout, mode="int8_int8", is_causal=causal, return_lse=lse)
+        args, kwargs = seen[-1]
+        assert args[-1] == 37 and kwargs == {"seq_q": 24, "is_causal": causal, "return_lse": lse}
 
 
 def test_log_once_levels_and_return_value(fresh_state, caplog):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import comfy_sage
 from comfy_sage import bench, dispatch
+from comfy_sage.modes import Mode
 
 RESULTS = [
     {"shape": [1, 24, n, d], "causal": causal, "what": "", "tops": {"a": 100.0 + n / 100, "b": None}}
@@ -166,3 +167,33 @@ def test_run_enters_an_implementations_context_once_per_shape(monkeypatch):
     assert log == ["enter", call, call, call, "exit", "y", "y", "y"]
     assert rows[0]["seq_kv"] == 16 and rows[0]["us"] == {"x": pytest.approx(1000.0), "y": pytest.approx(1000.0)}
     assert rows[0]["tops"]["x"] == pytest.approx(4 * 2 * 64 * 16 * 8 / 1e-3 / 1e12)
+
+
+def test_run_marks_the_shapes_where_a_mode_ran_pytorch_attention(monkeypatch, capsys):
+    """Hopper's `auto` runs PyTorch attention below 4,096 tokens: the table marks those cells and the JSON keeps
+    the plan's reason, so that no one reads them as the kernel's speed."""
+    asked = []
+
+    def plan(mode, device, head_dim, dtype, has_mask, seq_kv=0, *, seq_q=0, is_causal=False, return_lse=False):
+        asked.append((mode, head_dim, dtype, has_mask, seq_q, seq_kv, is_causal))
+        reason = "faster there" if mode is Mode.AUTO and seq_q < 100 else None
+        return dispatch.Plan(mode, Mode.SDPA if reason else mode, None if reason else "a kernel", reason)
+
+    monkeypatch.setattr(dispatch, "plan", plan)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    monkeypatch.setattr(bench, "_peer", lambda module, attr: None)
+    impls = bench.implementations(["auto", "int8_fp8"])
+    monkeypatch.setattr(bench, "implementations", lambda modes: impls)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *size, device=None, dtype=None: real_randn(*size, dtype=dtype))
+    monkeypatch.setattr(bench, "time_call", lambda fn, args, warmup, repeat, timing: 1e-3)
+    rows = bench.run([], [(1, 2, 64, 8, False, "short", 16), (1, 2, 128, 8, True, "long")], warmup=1, repeat=1)
+    assert rows[0]["pytorch_attention"] == {"comfy_sage auto": "faster there"}
+    assert "pytorch_attention" not in rows[1]
+    assert (Mode.AUTO, 8, torch.bfloat16, False, 64, 16, False) in asked
+    assert (Mode.INT8_FP8, 8, torch.bfloat16, False, 128, 128, True) in asked
+    out = capsys.readouterr().out
+    assert "*" in out.splitlines()[2] and "*" not in out.splitlines()[3]
+    assert out.rstrip().endswith("* PyTorch attention ran: faster there")

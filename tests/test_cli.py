@@ -235,16 +235,19 @@ def test_bad_device_is_a_usage_error(device, capsys):
 
 
 def test_doctor_names_the_kernel_family(monkeypatch):
-    """On Hopper `auto` runs the wgmma kernel up to head dim 128 and the mma.sync one above; doctor says which."""
+    """On Hopper `auto` runs the wgmma kernel up to head dim 128 and PyTorch attention above (the mma.sync
+    kernel, which an explicit mode runs there, is slower); doctor says which."""
     monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_90a",)))
     monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
     dispatch.clear_cache()
     try:
         wgmma = dispatch._plan(Mode.AUTO, "cuda", (9, 0), 128, torch.bfloat16, False)
-        wide = dispatch._plan(Mode.AUTO, "cuda", (9, 0), 256, torch.bfloat16, False)
+        wide = dispatch._plan(Mode.INT8_INT8, "cuda", (9, 0), 256, torch.bfloat16, False)
+        routed = dispatch._plan(Mode.AUTO, "cuda", (9, 0), 256, torch.bfloat16, False)
         cpu = dispatch._plan(Mode.AUTO, "cpu", None, 128, torch.bfloat16, False)
     finally:
         dispatch.clear_cache()
     assert doctor.describe(wgmma) == "int8_int8 (wgmma kernel)"
     assert doctor.describe(wide) == "int8_int8 (mma.sync kernel)"
+    assert doctor.describe(routed).startswith("sdpa (mode 'auto' runs PyTorch attention on sm_90 for head dims above")
     assert doctor.describe(cpu).startswith("sdpa (")

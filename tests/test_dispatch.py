@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import logging
 import re
 import sys
 from pathlib import Path
@@ -75,21 +76,116 @@ def test_auto_on_hopper_is_the_wgmma_kernel(gpu):
     assert p.kernel.name == "sm90_int8_int8" and p.note is None
 
 
+def routed_for_speed(p: dispatch.Plan, why: str) -> bool:
+    """Whether `p` is Hopper's `auto` leaving a call to PyTorch attention as the faster, for the reason `why`."""
+    return (
+        p.fallback
+        and p.mode is Mode.SDPA
+        and p.faster
+        and p.log_level == logging.INFO
+        and p.note is None
+        and p.reason == f"mode 'auto' runs PyTorch attention on sm_90 for {why}: faster there"
+    )
+
+
+WIDE_ON_HOPPER = "head dims above 128, where only the mma.sync kernel runs"
+
+
 @pytest.mark.parametrize("head_dim", [160, 256])
-def test_auto_on_hopper_beyond_the_wgmma_head_dims_is_int8_int8(gpu, head_dim):
-    """mma.sync FP8 is FP16 HMMA plus conversions on Hopper, INT8 is native: where wgmma can't run, INT8 P·V is
-    the fastest mma.sync mode there."""
+def test_auto_on_hopper_beyond_the_wgmma_head_dims_is_pytorch_attention(gpu, head_dim):
+    """Only the mma.sync kernel computes head dims above 128 on Hopper, 1.6-2.4× slower than cuDNN there; an
+    explicit mode (and `auto` asked for the LSE) still runs it, INT8 P·V for `auto`: mma.sync FP8 is FP16 HMMA
+    plus conversions on Hopper, INT8 is native."""
     gpu((9, 0))
-    p = plan("auto", head_dim=head_dim)
-    assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80" and p.kernel.tiling == SM80_WIDE
+    assert routed_for_speed(plan("auto", head_dim=head_dim), WIDE_ON_HOPPER)
+    for p in (
+        plan("int8_int8", head_dim=head_dim),
+        dispatch.plan(Mode.AUTO, CUDA, head_dim, torch.bfloat16, False, 4096, seq_q=4096, return_lse=True),
+    ):
+        assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80" and p.kernel.tiling == SM80_WIDE
+    with dispatch.prefer_family("sm80"):  # a benchmark comparing the families gets the kernel it asks for
+        p = plan("auto", head_dim=head_dim)
+    assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80"
 
 
-def test_auto_on_hopper_without_wgmma_code_is_int8_int8(gpu, monkeypatch):
+def test_auto_on_hopper_without_wgmma_code_is_pytorch_attention(gpu, monkeypatch):
     gpu((9, 0))
     monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": family == "sm80")
     dispatch.clear_cache()
-    p = plan("auto")
+    assert routed_for_speed(plan("auto"), "a build without sm_90a code, where only the mma.sync kernel runs")
+    p = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 4096, seq_q=4096, return_lse=True)
     assert p.mode is Mode.INT8_INT8 and p.kernel.family == "sm80"
+
+
+FEW_TOKENS = "calls with fewer than 4,096 query or key tokens (8,192 when causal)"
+
+
+@pytest.mark.parametrize(
+    "seq_q, seq_kv, causal, kernel",
+    [
+        (4096, 4096, False, True),  # SDXL 1024²'s 64×64 level, and every other anchor shape: the kernel
+        (4608, 4608, False, True),
+        (75_600, 75_600, False, True),
+        (4096, 4095, False, False),
+        (4095, 4096, False, False),
+        (1024, 1024, False, False),  # SDXL's 32×32 level
+        (4096, 77, False, False),  # cross attention over text tokens
+        (32_760, 512, False, False),  # Wan's cross attention
+        (1024, 8192, False, False),
+        (8192, 8192, True, True),
+        (8191, 8192, True, False),
+        (4096, 4096, True, False),
+    ],
+)
+@pytest.mark.parametrize("head_dim", [40, 64, 128])
+def test_auto_on_hopper_leaves_calls_with_few_tokens_to_pytorch_attention(gpu, seq_q, seq_kv, causal, kernel, head_dim):
+    """Below 4,096 query or key tokens (8,192 causal) cuDNN measured faster than the wgmma kernel on an H100
+    (docs/hopper-notes.md, "Shorter K/V"); the call then runs PyTorch attention and says so at INFO."""
+    gpu((9, 0))
+
+    def auto(**kw):
+        return dispatch.plan(Mode.AUTO, CUDA, head_dim, torch.bfloat16, False, seq_kv, seq_q=seq_q, **kw)
+
+    p = auto(is_causal=causal)
+    if kernel:
+        assert p == plan("auto", head_dim=head_dim) and p.kernel.family == "sm90" and not p.faster
+        assert p.log_level == logging.WARNING
+    else:
+        assert routed_for_speed(p, FEW_TOKENS)
+    # The LSE keeps the kernel (PyTorch attention computes it in a second pass), and so does an explicit mode.
+    assert auto(is_causal=causal, return_lse=True) == plan("auto", head_dim=head_dim)
+    for mode in ("int8_fp8", "int8_int8"):
+        explicit = dispatch.plan(Mode(mode), CUDA, head_dim, torch.bfloat16, False, seq_kv, seq_q=seq_q)
+        assert explicit == plan(mode, head_dim=head_dim) and explicit.kernel.family == "sm90"
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 9), (12, 0)])
+def test_auto_elsewhere_runs_the_kernels_at_any_token_count(gpu, cc):
+    """The crossover is measured on the H100 alone: the mma.sync GPUs keep the kernels."""
+    gpu(cc)
+    p = dispatch.plan(Mode.AUTO, CUDA, 64, torch.bfloat16, False, 77, seq_q=1024)
+    assert p == plan("auto", head_dim=64) and not p.fallback
+
+
+def test_few_tokens_route_only_what_the_kernels_would_run(gpu):
+    """Unknown token counts (0), float32 inputs (PyTorch would run them in float32) and a preferred kernel family
+    keep the kernel; a mask falls back for its own reason."""
+    gpu((9, 0))
+    assert not dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False).fallback
+    assert not dispatch.plan(Mode.AUTO, CUDA, 128, torch.float32, False, 77, seq_q=77).fallback
+    with dispatch.prefer_family("sm90"):
+        assert dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 77, seq_q=77).kernel.family == "sm90"
+    masked = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, True, 77, seq_q=77)
+    assert masked.fallback and not masked.faster and "attn_mask is not supported" in masked.reason
+
+
+def test_few_tokens_key_the_cache_by_one_bool(gpu):
+    gpu((9, 0))
+    short = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 77, seq_q=1024)
+    assert dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 4095, seq_q=9000) is short
+    long = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 4096, seq_q=4096)
+    assert dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 9000, seq_q=5000) is long
+    assert short.fallback and not long.fallback
 
 
 LONG = dispatch.INT8_PV_MAX_KEYS + 1  # one key past what INT8 P·V's int32 row sums can take
@@ -102,7 +198,7 @@ LONG = dispatch.INT8_PV_MAX_KEYS + 1  # one key past what INT8 P·V's int32 row 
         ((12, 0), "int8_int8", 64, Mode.INT8_FP8, "sm80"),
         ((8, 6), "auto", 128, Mode.INT8_FP16, "sm80"),  # no FP8 tensor cores: FP16 P·V
         ((9, 0), "int8_int8", 128, Mode.INT8_FP8, "sm90"),
-        ((9, 0), "auto", 256, Mode.INT8_FP8, "sm80"),
+        ((9, 0), "int8_int8", 256, Mode.INT8_FP8, "sm80"),
     ],
 )
 def test_rows_too_long_for_int8_pv_run_another_pv(gpu, cc, mode, head_dim, expected, family):
@@ -275,7 +371,7 @@ def test_head_dims_of_sd_and_flux_run_a_kernel(gpu, head_dim):
 def test_large_head_dims_follow_the_kernel_range(gpu, head_dim):
     # 129..256 run once a head-dim-256 kernel is built (MAX_HEAD_DIM says whether it is).
     gpu((9, 0))
-    p = plan("auto", head_dim=head_dim)
+    p = plan("int8_int8", head_dim=head_dim)
     if head_dim <= dispatch.MAX_HEAD_DIM:
         assert not p.fallback
     else:

@@ -1,7 +1,9 @@
 """Stand-in kernels for machines without them (no pytest here: the real-ComfyUI script uses it too).
 
 `FakeKernels.plan` answers as an sm_89 GPU with the kernels would: masks and head dims outside 32..128 (or
-not a multiple of 8) fall back, everything else runs a kernel. `FakeKernels.sageattn` computes exact
+not a multiple of 8) fall back, everything else runs a kernel; with `min_tokens` set, `auto` leaves calls with
+fewer query or key tokens to PyTorch attention as the faster, as Hopper's does. It records the token counts
+it is asked about. `FakeKernels.sageattn` computes exact
 attention in float64 (or, with `quantized`, the reference's SageAttention2) and records each call;
 `poison` > 0 makes that many next calls return NaN. `install` puts both into `comfy_sage.comfyui`.
 """
@@ -24,14 +26,21 @@ class FakeKernels:
         self.quantized = quantized
         self.calls: list[dict] = []
         self.poison = 0
+        self.min_tokens: int | None = None
+        self.planned: list[tuple[int, int]] = []
 
-    def plan(self, mode, device, head_dim, dtype, has_mask):
+    FEW_TOKENS_REASON = "mode 'auto' runs PyTorch attention on sm_90 for calls with few tokens: faster there"
+
+    def plan(self, mode, device, head_dim, dtype, has_mask, seq_kv=0, *, seq_q=0, is_causal=False, return_lse=False):
+        self.planned.append((seq_q, seq_kv))
         resolved = Mode.INT8_FP8 if mode is Mode.AUTO else mode
         if has_mask:
             return Plan(requested=mode, mode=Mode.SDPA, kernel=None, reason=f"{resolved.value} {self.MASK_REASON}")
         if not 32 <= head_dim <= 128 or head_dim % 8:
             reason = f"{resolved.value} falls back to PyTorch attention: head_dim {head_dim} is not supported"
             return Plan(requested=mode, mode=Mode.SDPA, kernel=None, reason=reason)
+        if mode is Mode.AUTO and self.min_tokens and 0 < min(seq_q, seq_kv) < self.min_tokens:
+            return Plan(requested=mode, mode=Mode.SDPA, kernel=None, reason=self.FEW_TOKENS_REASON, faster=True)
         return Plan(requested=mode, mode=resolved, kernel=KernelSpec("sm80", resolved, SM80))
 
     def sageattn(self, q, k, v, *, tensor_layout, sm_scale, mode):

@@ -249,7 +249,12 @@ def measure_kernels(torch, comfyui, make_specs, patch, forward, run_sampler) -> 
     from comfy_sage import capability
 
     status = capability.kernel_status()
-    out = {"gpu": torch.cuda.get_device_name(), "kernels_loaded": status.loaded, "kernels_reason": status.reason}
+    out = {
+        "gpu": torch.cuda.get_device_name(),
+        "compute_capability": list(torch.cuda.get_device_capability()),
+        "kernels_loaded": status.loaded,
+        "kernels_reason": status.reason,
+    }
     real_sageattn, calls = comfyui.sageattn, [0]
 
     def counted(*args, **kwargs):

@@ -87,8 +87,9 @@ def test_a_model_that_is_not_a_model_patcher_is_rejected(hooks):
         comfyui.execute_patch(object(), hooks=hooks)
 
 
-def test_v1_pack(comfy_env, load_pack, caplog):
+def test_v1_pack(comfy_env, load_pack, caplog, monkeypatch):
     comfy_env(with_v3=False)
+    without_kernels(monkeypatch)  # what the start-up line says on a machine without them (a GPU machine has them)
     with caplog.at_level(logging.INFO, logger="comfy_sage"):
         pack = load_pack()
     assert not hasattr(pack, "comfy_entrypoint")
@@ -193,9 +194,17 @@ print(sorted(pack.NODE_CLASS_MAPPINGS), sys.modules["comfy_sage"].__file__)
     assert str(REPO / "comfy_sage" / "__init__.py") in done.stdout
 
 
+def without_kernels(monkeypatch):
+    from comfy_sage import capability
+
+    status = capability.KernelStatus(False, "this install has no compiled kernels (pure-Python package)")
+    monkeypatch.setattr(capability, "kernel_status", lambda: status)
+
+
 def test_startup_line_reports_the_kernel_status(monkeypatch):
     from comfy_sage import capability
 
+    without_kernels(monkeypatch)
     line = comfyui.startup_line()
     assert "kernels not loaded" in line and "Patch Sage Attention runs ComfyUI's PyTorch attention" in line
     monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_80", "sm_90")))

@@ -11,7 +11,7 @@ from comfy_stub import attention, patcher
 from conftest import make_model, model_inputs
 from fake_kernels import FakeKernels
 
-from comfy_sage import comfyui
+from comfy_sage import capability, comfyui
 from comfy_sage.modes import Mode
 
 LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
@@ -115,6 +115,52 @@ def test_head_dims_without_a_kernel_fall_back(hooks, kernels, caplog, head_dim):
     torch.testing.assert_close(out, expected(q, k, v, 2, skip_reshape=True), rtol=1e-5, atol=1e-5)
     assert attention.CALLS == {"pytorch": 1} and not kernels.calls
     assert f"head_dim {head_dim}" in caplog.text
+
+
+@pytest.mark.parametrize("skip_reshape", [False, True])
+def test_auto_leaves_calls_with_few_tokens_to_pytorch_attention_and_says_so_once_at_info(
+    hooks, kernels, caplog, skip_reshape
+):
+    """Where `auto`'s plan says PyTorch attention is faster (Hopper below 4,096 tokens), the call runs it: the
+    plan is told the call's query and key token counts in either layout, and the choice is news, not a warning."""
+    kernels.min_tokens = 30
+    model = patched(hooks)
+    short_q, cross, long = (make_qkv(skip_reshape, n=n, m=m) for n, m in ((24, 40), (40, 7), (40, 36)))
+    with caplog.at_level(logging.INFO, logger="comfy_sage"):
+        for qkv in (short_q, cross, short_q, long):
+            out = attend(model, *qkv, 4, skip_reshape=skip_reshape, skip_output_reshape=skip_reshape)
+    torch.testing.assert_close(
+        out, expected(*long, 4, skip_reshape=skip_reshape, skip_output_reshape=skip_reshape), rtol=1e-5, atol=1e-5
+    )
+    assert attention.CALLS == {"pytorch": 3} and len(kernels.calls) == 1
+    assert kernels.planned[:4] == [(24, 40), (40, 7), (24, 40), (40, 36)]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, f"Patch Sage Attention [BaseModel]: {kernels.FEW_TOKENS_REASON}; using ComfyUI's PyTorch "
+         "attention for those calls")
+    ]  # fmt: skip
+    explicit = patched(hooks, "int8+fp8")  # an explicit mode keeps the kernel
+    attend(explicit, *short_q, 4, skip_reshape=skip_reshape, skip_output_reshape=skip_reshape)
+    assert len(kernels.calls) == 2 and attention.CALLS == {"pytorch": 3}
+
+
+def test_auto_on_an_h100_runs_short_calls_on_pytorch_attention_and_long_ones_on_the_kernel(hooks, caplog):
+    """The real plan and kernels on sm_90: a 1,024-token call runs ComfyUI's PyTorch attention (faster there),
+    a 4,096-token one the wgmma kernel."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU (H100/H200): the routing by token count is Hopper's")
+    if not capability.kernels_run_on(torch.device("cuda"), "sm90"):
+        pytest.skip("needs the compiled kernels with sm_90a code")
+    model = patched(hooks)
+    with caplog.at_level(logging.INFO, logger="comfy_sage"):
+        for n in (1024, 4096, 1024):
+            q, k, v = (t.cuda() for t in make_qkv(False, b=1, h=4, n=n, d=64, dtype=torch.bfloat16))
+            out = attend(model, q, k, v, 4)
+            torch.testing.assert_close(out.float(), expected(q, k, v, 4).float(), rtol=0, atol=2e-2)
+    assert attention.CALLS == {"pytorch": 2}
+    (record,) = caplog.records
+    assert (
+        record.levelno == logging.INFO and "for calls with fewer than 4,096 query or key tokens" in record.getMessage()
+    )
 
 
 def test_low_precision_attention_false_is_honoured(hooks, kernels, caplog):

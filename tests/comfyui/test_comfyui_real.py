@@ -212,7 +212,15 @@ def test_real_models_through_the_kernels_on_a_gpu(model_results, model):
     gpu = model_results["cuda"]
     assert gpu["kernels_loaded"], gpu["kernels_reason"]
     m, calls = gpu[model], model_results[model]["fallback_calls"]
-    for mode in ("auto", "int8+fp8", "int8+fp16", "int4+fp8", "int8+int8"):
+    # These small models' calls have a few hundred tokens, which Hopper's `auto` leaves to PyTorch attention.
+    hopper = gpu["compute_capability"] == [9, 0]
+    auto = m["auto"]
+    if hopper:
+        few = "mode 'auto' runs PyTorch attention on sm_90 for calls with fewer than 4,096 query or key tokens"
+        assert auto["finite"] and auto["kernel_calls"] == 0 and auto["rel_bf16"] < 1e-3, auto
+        assert len(auto["fallbacks"]) == 1 and auto["fallbacks"][0].startswith(few), auto
+    kernel_modes = ["int8+fp8", "int8+fp16", "int4+fp8", "int8+int8"] + ([] if hopper else ["auto"])
+    for mode in kernel_modes:
         r = m[mode]
         assert r["finite"] and r["fallbacks"] == [] and r["kernel_calls"] == calls, (mode, r)
         assert r["rel_fp32"] <= 1.5 * m["bf16_stock_rel_fp32"] + 5e-3, (mode, r)

@@ -4,6 +4,7 @@ inputs (see kernel_checks.py for the criterion and the poisoning). Skips on GPUs
 from __future__ import annotations
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from kernel_checks import (
 )
 
 import comfy_sage
-from comfy_sage import capability, dispatch, reference
+from comfy_sage import _log, capability, dispatch, reference
 from comfy_sage.modes import Mode
 from comfy_sage.tiling import SM90, SM90_CTA_ROWS
 
@@ -134,6 +135,30 @@ def test_auto_runs_the_wgmma_kernel(head_dim, kernel):
     """INT8 P·V above head dim 64 (as fast as FP8 P·V there, and more accurate), FP8 P·V at 64 and below."""
     plan = dispatch.plan(Mode.AUTO, torch.device("cuda"), head_dim, torch.bfloat16, False)
     assert plan.kernel.name == kernel
+
+
+def test_auto_leaves_calls_with_few_tokens_to_pytorch_attention(caplog):
+    """Below 4,096 query or key tokens (8,192 causal) Hopper's `auto` runs PyTorch attention, which measured faster
+    there: its output is mode "sdpa"'s bit for bit, and one INFO line says so. From 4,096 tokens on, and for any
+    call that asks for the LSE, it runs the wgmma kernel: bit for bit what the explicit mode gives."""
+    _log.forget_logged()
+    with dispatch.prefer_family(None), caplog.at_level(logging.INFO, logger="comfy_sage"):
+        for nq, nkv, causal, d in ((1024, 1024, False, 64), (4096, 77, False, 64), (4096, 4096, True, 128)):
+            q, k, v = inputs(seed(), heads_q=8, heads_kv=2, nq=nq, nkv=nkv, d=d, dtype=torch.bfloat16, layout="NHD")
+            out = comfy_sage.sageattn(q, k, v, tensor_layout="NHD", is_causal=causal)
+            sdpa = comfy_sage.sageattn(q, k, v, tensor_layout="NHD", is_causal=causal, mode="sdpa")
+            assert torch.equal(out, sdpa), (nq, nkv, causal)
+        routed = [r for r in caplog.records if r.getMessage().endswith(": faster there")]
+        assert [(r.levelno, r.getMessage()) for r in routed] == [
+            (logging.INFO, "mode 'auto' runs PyTorch attention on sm_90 for calls with fewer than 4,096 query or key "
+             "tokens (8,192 when causal): faster there")
+        ]  # fmt: skip
+        for nq, nkv, lse, d, mode in ((4096, 4096, False, 128, "int8_int8"), (1024, 77, True, 64, "int8_fp8")):
+            q, k, v = inputs(seed(), heads_q=4, heads_kv=4, nq=nq, nkv=nkv, d=d, dtype=torch.float16, layout="HND")
+            auto = comfy_sage.sageattn(q, k, v, return_lse=lse)
+            explicit = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=lse)
+            for a, b in zip(auto if lse else (auto,), explicit if lse else (explicit,), strict=True):
+                assert torch.equal(a, b), (nq, nkv, lse)
 
 
 def test_auto_meets_the_accuracy_bar():
