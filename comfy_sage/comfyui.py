@@ -501,7 +501,8 @@ class InputSpec:
 MODE_TOOLTIP = (
     "Precision of the two attention matmuls (Q·Kᵀ + P·V).\n"
     "auto: the fastest accurate mode this GPU runs: int8+int8 (int8+fp8 at head dim 64, e.g. SDXL, on "
-    "H100/H200); PyTorch on GPUs older than RTX 30/A100.\n"
+    "H100/H200); PyTorch on GPUs older than RTX 30/A100, and on H100/H200 for calls under 4,096 tokens (text "
+    "cross attention, small latents) and head dims above 128, where PyTorch is faster.\n"
     "int8+fp8: native on sm_89/90/120 (RTX 40, H100/H200, RTX 50); the fastest mode at head dim 64 on "
     "H100/H200, FP8 P·V costs a little accuracy. Runs as int8+fp16 on RTX 30/A100.\n"
     "int4+fp8: native on sm_89 (RTX 40, L40) only; fastest there, lossiest (video first). Runs as the "
