@@ -14,6 +14,8 @@ _lock = threading.Lock()
 def log_once(message: str, level: int = logging.WARNING) -> bool:
     """Log `message` the first time it is seen; True if it was logged now."""
     key = (level, message)
+    if key in _seen:  # every call after the first: a set lookup, which needs no lock
+        return False
     with _lock:
         if key in _seen:
             return False

@@ -90,7 +90,7 @@ def test_demo_small():
     result = run_cli("demo", "--seq", "64", "--heads", "2", "--head-dim", "64", "--device", "cpu")
     out = result.stdout
     assert "demo: sageattn(q, k, v, mode='auto') on cpu, q/k/v [B=1, H=2, N=64, D=64] bf16" in out
-    assert "runs: PyTorch attention (fallback)" in out
+    assert "runs: PyTorch attention - mode 'auto' uses PyTorch attention: no CUDA device" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("sageattn (this call)"))
     cos, rel_l1 = (float(x) for x in row.split(")")[1].split()[:2])
     assert cos > 0.9999 and rel_l1 < 5e-3  # PyTorch bf16 attention against float64
