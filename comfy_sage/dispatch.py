@@ -1,4 +1,5 @@
-"""Which implementation runs a call: a table from (GPU, mode, head dim, dtype, mask) to a kernel or the fallback.
+"""Which implementation runs a call: a table from (GPU, mode, head dim, dtype, mask, and where they matter the
+token counts) to a kernel or the fallback.
 
 `plan` answers once per distinct key (it is cached) and never touches tensor data, so dispatching costs a
 dictionary lookup per call. A plan whose `kernel` is None runs PyTorch's FP16/BF16 attention; its
@@ -137,7 +138,8 @@ _plans: dict[tuple, Plan] = {}
 @contextlib.contextmanager
 def prefer_family(family: str | None) -> Iterator[None]:
     """Within the block, run kernel family `family` ("sm80": mma.sync, "sm90": wgmma) wherever it can
-    compute the call; None restores the default choice. For benchmarks and tests that compare the two."""
+    compute the call, also where Hopper's `auto` would leave it to PyTorch attention for speed; None restores
+    the default choice. For benchmarks and tests that compare the two."""
     global _preferred_family
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES} or None; got {family!r}")
