@@ -519,7 +519,10 @@ EDGE_STEPS_TOOLTIP = (
     "Run the first N and the last N sampling steps in edge_mode: the first steps set the composition, the "
     "last the fine detail, where quantization error shows most. 0 = off. Counted per sampler run."
 )
-EDGE_MODE_TOOLTIP = "What the edge steps run: int8+fp16 (the most accurate kernel) or off (PyTorch) (no quantization)."
+EDGE_MODE_TOOLTIP = (
+    "What the edge steps run: int8+fp16 (the most accurate kernel) or off (PyTorch) (no quantization). On "
+    "H100/H200, off (PyTorch) is both: int8+fp16 runs on the RTX-class kernel there, slower than PyTorch."
+)
 GUARD_TOOLTIP = (
     "If quantized attention produces NaN or Inf (black images), recompute that step with PyTorch attention "
     "and log it once. Costs one small check per step, no sync per attention call."
