@@ -1,4 +1,4 @@
-"""The benchmark's plot (the timing itself needs a GPU and runs on the device)."""
+"""The benchmark's plot, implementations and timing logic (the timing itself needs a GPU)."""
 
 from __future__ import annotations
 
