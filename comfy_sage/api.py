@@ -60,12 +60,33 @@ def sageattn(
     return (out, lse) if return_lse else out
 
 
-def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
-    """Dispatch one validated call (`sizes` from `qkv_sizes`): (out in the caller's layout, LSE or None)."""
-    plan = dispatch.plan(
-        mode, q.device, sizes[-1], q.dtype, attn_mask is not None, sizes[4], seq_q=sizes[3], is_causal=is_causal,
+def plan_for(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tensor_layout: str = "HND",
+    is_causal: bool = False,
+    mode: Mode | str = "auto",
+    has_mask: bool = False,
+    return_lse: bool = False,
+) -> dispatch.Plan:
+    """What `sageattn` runs for these inputs and options (a kernel, or PyTorch attention and why), without
+    running it; for benchmarks and reports."""
+    layout = check_layout(tensor_layout)
+    return _plan(q, qkv_sizes(q, k, v, layout), is_causal, Mode.parse(mode), has_mask, return_lse)
+
+
+def _plan(q, sizes, is_causal: bool, mode: Mode, has_mask: bool, return_lse: bool) -> dispatch.Plan:
+    return dispatch.plan(
+        mode, q.device, sizes[-1], q.dtype, has_mask, sizes[4], seq_q=sizes[3], is_causal=is_causal,
         return_lse=return_lse,
     )  # fmt: skip
+
+
+def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
+    """Dispatch one validated call (`sizes` from `qkv_sizes`): (out in the caller's layout, LSE or None)."""
+    plan = _plan(q, sizes, is_causal, mode, attn_mask is not None, return_lse)
     if plan.reason:
         log_once(plan.reason, plan.log_level)
     if plan.note:

@@ -94,8 +94,7 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import comfy_sage
-    from comfy_sage import dispatch
-    from comfy_sage.modes import Mode
+    from comfy_sage import api, dispatch
 
     impls: dict[str, Callable] = {}
     for mode in modes:
@@ -104,10 +103,8 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
             return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
 
         # What the call runs at a shape (`run` records where it is PyTorch attention: Hopper's `auto` below
-        # 4,096 tokens): the same plan `sageattn` makes for bf16 [B, H, N, D] inputs without a mask.
-        ours.plan = lambda q, k, v, c, m=mode: dispatch.plan(
-            Mode.parse(m), q.device, q.shape[-1], q.dtype, False, k.shape[2], seq_q=q.shape[2], is_causal=c
-        )
+        # 4,096 tokens).
+        ours.plan = lambda q, k, v, c, m=mode: api.plan_for(q, k, v, is_causal=c, mode=m)
         impls[f"comfy_sage {mode}"] = ours
     if torch.cuda.get_device_capability() == (9, 0):
         wgmma_modes = {m.value for m in dispatch.SM90_MODES}  # int8_fp8 and int8_int8

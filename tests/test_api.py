@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import comfy_sage
-from comfy_sage import Mode, _log, capability, dispatch, sageattn
+from comfy_sage import Mode, _log, api, capability, dispatch, sageattn
 from comfy_sage.capability import KernelStatus
 from comfy_sage.testing import make_qkv
 
@@ -255,3 +255,23 @@ def test_import_without_gpu_or_extension():
     # The one fallback warning reached stderr through logging's last-resort handler.
     assert "int8_fp8 falls back to PyTorch attention" in result.stderr
     assert result.stderr.count("falls back") == 1
+
+
+def test_plan_for_is_the_plan_sageattn_runs(gen, fresh_state, monkeypatch):
+    """`plan_for` hands `dispatch.plan` what a call would, in either layout, and checks the layout as `sageattn`
+    does."""
+    seen = []
+    real = dispatch.plan
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "plan", spy)
+    q, k, v = small(gen)
+    sageattn(q, k, v, is_causal=True, mode="int8_fp8")
+    p = api.plan_for(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), tensor_layout="NHD", is_causal=True,
+                     mode="int8_fp8")  # fmt: skip
+    assert seen[0] == seen[1] and p.fallback and "the inputs are on cpu" in p.reason
+    with pytest.raises(ValueError, match="tensor_layout"):
+        api.plan_for(q, k, v, tensor_layout="BNHD")
