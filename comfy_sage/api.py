@@ -80,7 +80,7 @@ def plan_for(
 def _plan(q, sizes, is_causal: bool, mode: Mode, has_mask: bool, return_lse: bool) -> dispatch.Plan:
     return dispatch.plan(
         mode, q.device, sizes[-1], q.dtype, has_mask, sizes[4], seq_q=sizes[3], is_causal=is_causal,
-        return_lse=return_lse,
+        return_lse=return_lse, heads_q=sizes[1],
     )  # fmt: skip
 
 

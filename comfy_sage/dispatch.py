@@ -44,6 +44,9 @@ HOPPER_FP8_PV_MAX_HEAD_DIM = 64
 # SM90_MAX_HEAD_DIM), which only the mma.sync kernel computes there, 1.6-2.4× slower than cuDNN. Explicit modes
 # and calls asking for the LSE (which PyTorch's attention computes in a second pass) keep the kernels.
 HOPPER_AUTO_MIN_TOKENS = 4096
+# The kernels' grids carry the query heads in a dimension of at most 65,535 (csrc/binding.cpp runs larger
+# batches in chunks that fit, but cannot split the heads).
+MAX_KERNEL_HEADS = 65_535
 
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -161,10 +164,12 @@ def plan(
     seq_q: int = 0,
     is_causal: bool = False,
     return_lse: bool = False,
+    heads_q: int = 0,
 ) -> Plan:
     """The plan for one call's static properties (cached; never reads tensor data). The token counts (0:
     unknown) matter only past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow, and to
-    Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS, with `is_causal` and `return_lse`."""
+    Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS, with `is_causal` and `return_lse`; the query heads (0:
+    unknown) only past MAX_KERNEL_HEADS."""
     long_rows = seq_kv > INT8_PV_MAX_KEYS
     auto_lse = return_lse and mode is Mode.AUTO
     few_tokens = (
@@ -172,14 +177,15 @@ def plan(
         and not return_lse
         and 0 < min(seq_q, seq_kv) < (2 * HOPPER_AUTO_MIN_TOKENS if is_causal else HOPPER_AUTO_MIN_TOKENS)
     )
-    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows, few_tokens, auto_lse)
+    many_heads = heads_q > MAX_KERNEL_HEADS
+    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows, few_tokens, auto_lse, many_heads)
     found = _plans.get(key)
     if found is not None:
         return found
     cc = capability.device_capability(device)
     found = _plan(
         mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, long_rows, few_tokens,
-        auto_lse,
+        auto_lse, many_heads,
     )  # fmt: skip
     if device.index is not None or device.type != "cuda":  # "cuda" alone means the current device: it may change
         _plans[key] = found
@@ -199,6 +205,7 @@ def _plan(
     long_rows: bool = False,
     few_tokens: bool = False,
     return_lse: bool = False,
+    many_heads: bool = False,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -218,6 +225,8 @@ def _plan(
         return fallback(f"{capability.sm_name(cc)} is older than sm_80 (Ampere), the oldest GPU the kernels support")
     if has_mask:
         return fallback("attn_mask is not supported by the kernels")
+    if many_heads:
+        return fallback(f"the kernels take at most {MAX_KERNEL_HEADS:,} query heads a call")
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
         return fallback(
             f"head_dim {head_dim} is not supported by the kernels "

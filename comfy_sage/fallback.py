@@ -33,7 +33,9 @@ def attention(
     """O [B, H_q, N_q, D] (HND views in, HND out) and, with `return_lse`, the LSE [B, H_q, N_q] float32."""
     nq, nkv = problem.seq_q, problem.seq_kv
     gqa = problem.heads_q != problem.heads_kv
-    if nkv == 0 or nq == 0:
+    # No keys to attend to, or nothing to compute (SDPA on CUDA returns None for an empty batch or zero heads:
+    # seen on an H100 with torch 2.11).
+    if nkv == 0 or q.numel() == 0:
         out = q.new_zeros(q.shape)
         lse = torch.full(q.shape[:3], -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
         return out, lse

@@ -97,13 +97,6 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_ptr) == AOTI_TORCH_SUCCESS,
                   "could not get the current CUDA stream");
 
-  Shape s{};
-  s.batch = dq.b, s.heads_q = dq.h, s.heads_kv = dk.h, s.seq_q = dq.n, s.seq_kv = dk.n, s.head_dim = dq.d;
-  s.padded_dim = dq.d <= 64 ? 64 : dq.d <= 128 ? 128 : 256;
-  s.block_k = sm90 ? kSm90BlockK : kSm80BlockK;
-  s.padded_q = round_up(std::max<int64_t>(dq.n, 1), sm90 ? sm90_block_q(s.padded_dim) : kSm80BlockQ);
-  s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), s.block_k);
-
   const std::array<int64_t, 4> out_sizes = layout == kLayoutHND ? std::array<int64_t, 4>{dq.b, dq.h, dq.n, dq.d}
                                                                  : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
   // Contiguous, so that every output row starts 16-byte aligned (head_dim is a multiple of 8): the kernels'
@@ -111,28 +104,56 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   Tensor out = torch::stable::new_empty(q, {out_sizes.data(), 4});
   Tensor lse = return_lse ? torch::stable::new_empty(q, {dq.b, dq.h, dq.n}, ScalarType::Float)
                           : torch::stable::new_empty(q, {0}, ScalarType::Float);
+  if (dq.b == 0 || dq.h == 0 || dq.n == 0) return {out, lse};  // nothing to compute (and no grid of size 0)
 
-  // One workspace for every quantized buffer.
-  const int64_t bq = dq.b * dq.h, bkv = dk.b * dk.h;
+  // Grid dimensions y and z take at most 65,535: the quantization's y is batch × heads, the attention
+  // kernels' y the query heads and z the batch. A call with more runs in batch chunks that fit, one after
+  // another on the stream (factorized video attention, e.g. temporal attention over every latent position,
+  // has batch × heads of 10^5 and more).
+  constexpr int64_t kMaxGridYZ = 65535;
+  STD_TORCH_CHECK(dq.h <= kMaxGridYZ, "the kernels take at most ", kMaxGridYZ, " query heads a call");
+  const int64_t chunk = std::min<int64_t>(dq.b, kMaxGridYZ / dq.h);
+  const int64_t last_chunk = dq.b - (dq.b - 1) / chunk * chunk;  // the last chunk's batch (≤ chunk)
+
+  Shape s{};
+  s.heads_q = dq.h, s.heads_kv = dk.h, s.seq_q = dq.n, s.seq_kv = dk.n, s.head_dim = dq.d;
+  s.padded_dim = dq.d <= 64 ? 64 : dq.d <= 128 ? 128 : 256;
+  s.block_k = sm90 ? kSm90BlockK : kSm80BlockK;
+  s.padded_q = round_up(dq.n, sm90 ? sm90_block_q(s.padded_dim) : kSm80BlockQ);
+  s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), s.block_k);
+
+  // The split tiles' buffers of a chunk of `batch` (the last, smaller chunk may split more tiles).
+  const auto split_sizes = [&](int64_t batch, int64_t* floats, int* counters) {
+    Shape c = s;
+    c.batch = static_cast<int>(batch);
+    *floats = 0, *counters = 0;
+    if (sm90) sm90_buffers(c, is_causal, floats, counters);
+  };
+  int64_t split_floats = 0, last_split_floats = 0;
+  int split_counters = 0, last_split_counters = 0;
+  split_sizes(chunk, &split_floats, &split_counters);
+  split_sizes(last_chunk, &last_split_floats, &last_split_counters);
+  split_floats = std::max(split_floats, last_split_floats);
+  const int max_split_counters = std::max(split_counters, last_split_counters);
+
+  // One workspace for every quantized buffer, sized for a chunk and reused by each.
+  const int64_t bq = chunk * dq.h, bkv = chunk * dk.h;
   const bool int4 = qk_bits == 4;
   const int64_t q_blocks = s.padded_q / sm80_block_q(s.padded_dim), k_blocks = s.padded_kv / s.block_k;
-  int64_t split_floats = 0;
-  int split_counters = 0;
-  if (sm90) sm90_buffers(s, is_causal, &split_floats, &split_counters);
   const int64_t sizes[] = {
-      bq * s.padded_q * s.padded_dim * qk_bits / 8,         // q
-      bq * (s.padded_q / kSm80WarpQ) * 8 * 4,               // q_scale
-      bkv * s.padded_kv * s.padded_dim * qk_bits / 8,       // k
-      bkv * k_blocks * 4 * 4,                               // k_scale
-      (bkv * s.padded_dim * 2 + split_counters + bkv) * 4,  // k_sum, v_amax, the counters (one memset)
+      bq * s.padded_q * s.padded_dim * qk_bits / 8,             // q
+      bq * (s.padded_q / kSm80WarpQ) * 8 * 4,                   // q_scale
+      bkv * s.padded_kv * s.padded_dim * qk_bits / 8,           // k
+      bkv * k_blocks * 4 * 4,                                   // k_scale
+      (bkv * s.padded_dim * 2 + max_split_counters + bkv) * 4,  // k_sum, v_amax, the counters (one memset)
       bkv * s.padded_kv * s.padded_dim * (pv_type == PvType::kFp16 ? 2 : 1),  // v
-      return_lse ? bq * dq.n * 4 : 0,                       // q·k̄
-      int4 ? bkv * s.padded_kv * s.padded_dim : 0,          // k8
-      int4 ? bkv * k_blocks * 4 * 4 : 0,                    // k8_scale
-      int4 ? bq * q_blocks * s.padded_dim : 0,              // q_mean
-      int4 ? bq * q_blocks * 4 : 0,                         // q_mean_scale
-      split_floats * 4,                                     // the wgmma kernel's split-tile partials
-      bkv * kv_stats_parts(s.seq_kv) * s.padded_dim * 4,    // kv_stats's K sums per part
+      return_lse ? bq * dq.n * 4 : 0,                           // q·k̄
+      int4 ? bkv * s.padded_kv * s.padded_dim : 0,              // k8
+      int4 ? bkv * k_blocks * 4 * 4 : 0,                        // k8_scale
+      int4 ? bq * q_blocks * s.padded_dim : 0,                  // q_mean
+      int4 ? bq * q_blocks * 4 : 0,                             // q_mean_scale
+      split_floats * 4,                                         // the wgmma kernel's split-tile partials
+      bkv * kv_stats_parts(s.seq_kv) * s.padded_dim * 4,        // kv_stats's K sums per part
   };
   constexpr int kBuffers = sizeof(sizes) / sizeof(sizes[0]);
   int64_t offsets[kBuffers], total = 0;
@@ -141,39 +162,51 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   auto* base = static_cast<uint8_t*>(workspace.data_ptr());
 
   AttentionArgs a{};
-  a.q = {q.data_ptr(), dq.sb, dq.sh, dq.sn};
-  a.k = {k.data_ptr(), dk.sb, dk.sh, dk.sn};
-  a.v = {v.data_ptr(), dv.sb, dv.sh, dv.sn};
   const Dims dout = dims_of(out, layout);
-  a.out = {out.data_ptr(), dout.sb, dout.sh, dout.sn};
   a.dtype = dtype == ScalarType::BFloat16 ? DType::kBFloat16 : DType::kFloat16;
-  a.shape = s;
   a.buf.q = reinterpret_cast<int8_t*>(base + offsets[0]);
   a.buf.q_scale = reinterpret_cast<float*>(base + offsets[1]);
   a.buf.k = reinterpret_cast<int8_t*>(base + offsets[2]);
   a.buf.k_scale = reinterpret_cast<float*>(base + offsets[3]);
   a.buf.k_sum = reinterpret_cast<float*>(base + offsets[4]);
   a.buf.v = base + offsets[5];
-  a.buf.v_amax = a.buf.k_sum + bkv * s.padded_dim;
   a.buf.q_dot_kmean = return_lse ? reinterpret_cast<float*>(base + offsets[6]) : nullptr;
   a.buf.k8 = int4 ? reinterpret_cast<int8_t*>(base + offsets[7]) : nullptr;
   a.buf.k8_scale = int4 ? reinterpret_cast<float*>(base + offsets[8]) : nullptr;
   a.buf.q_mean = int4 ? reinterpret_cast<int8_t*>(base + offsets[9]) : nullptr;
   a.buf.q_mean_scale = int4 ? reinterpret_cast<float*>(base + offsets[10]) : nullptr;
   a.split_partials = split_floats > 0 ? reinterpret_cast<float*>(base + offsets[11]) : nullptr;
-  a.split_counters = split_counters > 0 ? reinterpret_cast<int*>(a.buf.v_amax + bkv * s.padded_dim) : nullptr;
-  a.num_split_counters = split_counters;
   a.buf.k_partial = reinterpret_cast<float*>(base + offsets[12]);
-  a.buf.kv_stats_arrivals = reinterpret_cast<int*>(a.buf.v_amax + bkv * s.padded_dim) + split_counters;
-  a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) : nullptr;
   a.sm_scale = static_cast<float>(sm_scale);
   a.causal = is_causal;
   a.qk_bits = static_cast<int>(qk_bits);
   a.pv = pv_type;
 
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const cudaError_t err = sm90 ? run_sm90(a, stream) : run_sm80_attention(a, stream);
-  STD_TORCH_CHECK(err == cudaSuccess, "comfy_sage attention launch failed: ", cudaGetErrorString(err));
+  auto* const q_bytes = static_cast<uint8_t*>(q.data_ptr());
+  auto* const k_bytes = static_cast<uint8_t*>(k.data_ptr());
+  auto* const v_bytes = static_cast<uint8_t*>(v.data_ptr());
+  auto* const out_bytes = static_cast<uint8_t*>(out.data_ptr());
+  constexpr int64_t kElementBytes = 2;  // float16 / bfloat16
+  for (int64_t b0 = 0; b0 < dq.b; b0 += chunk) {
+    const int64_t batch = std::min(chunk, dq.b - b0), bkv_chunk = batch * dk.h;
+    a.q = {q_bytes + b0 * dq.sb * kElementBytes, dq.sb, dq.sh, dq.sn};
+    a.k = {k_bytes + b0 * dk.sb * kElementBytes, dk.sb, dk.sh, dk.sn};
+    a.v = {v_bytes + b0 * dv.sb * kElementBytes, dv.sb, dv.sh, dv.sn};
+    a.out = {out_bytes + b0 * dout.sb * kElementBytes, dout.sb, dout.sh, dout.sn};
+    a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) + b0 * dq.h * dq.n : nullptr;
+    a.shape = s;
+    a.shape.batch = static_cast<int>(batch);
+    // k_sum, v_amax, the split counters and kv_stats's arrivals packed for this chunk, as its memset
+    // clears them.
+    a.buf.v_amax = a.buf.k_sum + bkv_chunk * s.padded_dim;
+    int* const counters = reinterpret_cast<int*>(a.buf.v_amax + bkv_chunk * s.padded_dim);
+    a.num_split_counters = batch == chunk ? split_counters : last_split_counters;
+    a.split_counters = a.num_split_counters > 0 ? counters : nullptr;
+    a.buf.kv_stats_arrivals = counters + a.num_split_counters;
+    const cudaError_t err = sm90 ? run_sm90(a, stream) : run_sm80_attention(a, stream);
+    STD_TORCH_CHECK(err == cudaSuccess, "comfy_sage attention launch failed: ", cudaGetErrorString(err));
+  }
   return {out, lse};
 }
 

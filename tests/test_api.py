@@ -155,9 +155,10 @@ def test_notes_are_logged_once(gen, fresh_state, caplog, monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
-def test_plan_sees_the_token_counts_causality_and_lse(gen, fresh_state, monkeypatch, layout):
-    # INT8 P·V changes plan past INT8_PV_MAX_KEYS keys, and Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS query
-    # or key tokens (twice that causal, never with the LSE), so the call hands the plan all four.
+def test_plan_sees_the_token_counts_causality_lse_and_heads(gen, fresh_state, monkeypatch, layout):
+    # INT8 P·V changes plan past INT8_PV_MAX_KEYS keys, Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS query or key
+    # tokens (twice that causal, never with the LSE), and every mode past MAX_KERNEL_HEADS query heads, so the
+    # call hands the plan all five.
     seen = []
     real = dispatch.plan
 
@@ -166,13 +167,13 @@ def test_plan_sees_the_token_counts_causality_and_lse(gen, fresh_state, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, "plan", spy)
-    q, _, _ = small(gen)
-    k = torch.randn(q.shape[0], q.shape[1], 37, q.shape[3], generator=gen).to(q.dtype)
+    q, _, _ = make_qkv(1, 6, 24, 64, generator=gen)
+    k = torch.randn(q.shape[0], 3, 37, q.shape[3], generator=gen).to(q.dtype)
     q, k = (t.transpose(1, 2) if layout == "NHD" else t for t in (q, k))
     for causal, lse in ((False, False), (True, True)):
         sageattn(q, k, k.clone(), tensor_layout=layout, mode="int8_int8", is_causal=causal, return_lse=lse)
         args, kwargs = seen[-1]
-        assert args[-1] == 37 and kwargs == {"seq_q": 24, "is_causal": causal, "return_lse": lse}
+        assert args[-1] == 37 and kwargs == {"seq_q": 24, "is_causal": causal, "return_lse": lse, "heads_q": 6}
 
 
 def test_log_once_levels_and_return_value(fresh_state, caplog):

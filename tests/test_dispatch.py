@@ -352,6 +352,34 @@ def test_mask_falls_back(gpu, mode):
     assert p.reason == f"{asked} falls back to PyTorch attention: attn_mask is not supported by the kernels"
 
 
+@pytest.mark.parametrize("cc", [(8, 9), (9, 0)])
+def test_more_query_heads_than_the_grids_take_fall_back(gpu, cc):
+    """Past 65,535 query heads (a grid dimension's limit; the binding runs larger batches in chunks but cannot
+    split the heads) every mode falls back, keyed by one bool: any head count up to the limit shares a plan."""
+    gpu(cc)
+    for mode in ("auto", "int8_fp8", "int8_int8"):
+
+        def ask(heads: int, mode=mode) -> dispatch.Plan:
+            return dispatch.plan(Mode.parse(mode), CUDA, 128, torch.bfloat16, False, 8192, seq_q=8192, heads_q=heads)
+
+        at_limit, over = ask(65_535), ask(65_536)
+        assert not at_limit.fallback and ask(24) is at_limit
+        assert over.fallback and over.mode is Mode.SDPA
+        why = "the kernels take at most 65,535 query heads a call"
+        assert over.reason == f"{at_limit.mode.value} falls back to PyTorch attention: {why}"
+
+
+def test_query_head_limit_is_the_bindings():
+    """MAX_KERNEL_HEADS is the binding's grid limit (csrc/binding.cpp kMaxGridYZ, which refuses more heads)."""
+    binding = Path(__file__).parents[1] / "csrc" / "binding.cpp"
+    if not binding.is_file():
+        pytest.skip("needs the source tree (csrc/binding.cpp)")
+    source = binding.read_text()
+    limit = re.search(r"constexpr int64_t kMaxGridYZ = (\d+);", source)
+    assert limit and int(limit[1]) == dispatch.MAX_KERNEL_HEADS
+    assert "STD_TORCH_CHECK(dq.h <= kMaxGridYZ" in source
+
+
 @pytest.mark.parametrize("head_dim", [1, 16, 31, 257, 512])
 def test_head_dims_outside_the_range_fall_back(gpu, head_dim):
     gpu((8, 9))

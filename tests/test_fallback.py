@@ -253,10 +253,11 @@ def test_empty_sequences(seq_q, seq_kv, is_causal, layout, gen):
     assert (lse == -math.inf).all()
 
 
-def test_empty_batch(gen):
-    q, k, v = make_qkv(0, 4, 16, 64, generator=gen)
+@pytest.mark.parametrize("batch, heads_q", [(0, 4), (2, 0)])
+def test_empty_batch_or_no_query_heads(batch, heads_q, gen):
+    q, k, v = make_qkv(batch, heads_q, 16, 64, heads_kv=2, generator=gen)
     out, lse = sageattn(q, k, v, return_lse=True)
-    assert out.shape == (0, 4, 16, 64) and lse.shape == (0, 4, 16)
+    assert out.shape == (batch, heads_q, 16, 64) and lse.shape == (batch, heads_q, 16)
 
 
 def test_empty_lse_is_float32_whatever_the_default_dtype(gen):

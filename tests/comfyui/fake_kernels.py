@@ -31,7 +31,8 @@ class FakeKernels:
 
     FEW_TOKENS_REASON = "mode 'auto' runs PyTorch attention on sm_90 for calls with few tokens: faster there"
 
-    def plan(self, mode, device, head_dim, dtype, has_mask, seq_kv=0, *, seq_q=0, is_causal=False, return_lse=False):
+    def plan(self, mode, device, head_dim, dtype, has_mask, seq_kv=0, *, seq_q=0, **options):
+        """`dispatch.plan`'s signature; its other options (causality, the LSE, the query heads) change nothing here."""
         self.planned.append((seq_q, seq_kv))
         resolved = Mode.INT8_FP8 if mode is Mode.AUTO else mode
         if has_mask:

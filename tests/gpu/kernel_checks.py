@@ -8,13 +8,14 @@ leaves unwritten shows.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import torch
 
 import comfy_sage
-from comfy_sage import dispatch, ops, reference
+from comfy_sage import api, dispatch, ops, reference
 from comfy_sage.modes import Mode
 from comfy_sage.testing import make_qkv
 
@@ -142,3 +143,61 @@ def check_deterministic(family: str, modes) -> None:
         for call in range(1, 12):
             out, lse = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=True)
             assert torch.equal(out, first_out) and torch.equal(lse, first_lse), f"{mode}: call {call} differs"
+
+
+def check_empty_inputs(family: str, modes) -> None:
+    """Calls with nothing to compute (an empty batch, no query heads, no query tokens) return empty results and
+    calls without keys zeros and an LSE of −inf, in the kernel modes and in "sdpa", in both layouts: no grid of
+    size 0 is launched, and PyTorch's attention, which returns None for an empty batch on CUDA, is not asked."""
+    shapes = {  # (batch, heads_q, heads_kv, seq_q, seq_kv)
+        "empty batch": (0, 4, 2, 16, 16),
+        "no query heads": (1, 0, 2, 16, 16),
+        "no query tokens": (2, 4, 2, 0, 16),
+        "no keys": (2, 4, 2, 16, 0),
+    }
+    for (name, (b, hq, hkv, nq, nkv)), layout in itertools.product(shapes.items(), ("HND", "NHD")):
+        q, k, v = make_qkv(
+            b, hq, nq, 64, heads_kv=hkv, seq_kv=nkv, dtype=torch.bfloat16, device="cuda", layout=layout
+        )  # fmt: skip
+        for mode in (*modes, Mode.SDPA):
+            plan = dispatch.plan(mode, q.device, 64, q.dtype, False)
+            assert mode is Mode.SDPA or plan.kernel.family == family, plan
+            where = f"{name}, {mode.value}, {layout}"
+            out, lse = comfy_sage.sageattn(q, k, v, mode=mode, tensor_layout=layout, return_lse=True)
+            assert out.shape == q.shape and out.dtype == q.dtype, where
+            assert lse.shape == (b, hq, nq) and lse.dtype == torch.float32, where
+            assert (out == 0).all() and (lse == -math.inf).all(), where
+            assert comfy_sage.sageattn(q, k, v, mode=mode, tensor_layout=layout).shape == q.shape, where
+
+
+def check_beyond_grid_limits(family: str, mode: Mode) -> None:
+    """Batch × heads above 65,535 (the quantization's grid y) and batch above 65,535 (the attention grid's z),
+    as factorized video models' temporal attention over every latent position has: the call runs in batch
+    chunks that fit. Against the reference (poisoned output), and the rows around the chunk boundaries bit for
+    bit against calls on them alone."""
+    cases = (  # (batch, heads_q, heads_kv, seq_q, seq_kv, layout); chunks of 65,535 // heads_q batch entries
+        (8_200, 16, 8, 5, 9, "HND"),  # chunks 4,095 + 4,095 + 10: batch × heads_kv 65,600
+        (66_000, 1, 1, 4, 9, "NHD"),  # chunks 65,535 + 465
+    )
+    for b, hq, hkv, nq, nkv, layout in cases:
+        s = seed()
+        q, k, v = inputs(
+            s, heads_q=hq, heads_kv=hkv, nq=nq, nkv=nkv, d=64, dtype=torch.bfloat16, layout=layout, batch=b
+        )
+        plan = dispatch.plan(mode, q.device, 64, q.dtype, False)
+        assert plan.kernel.family == family, plan
+        call = dict(mode=mode, tensor_layout=layout, return_lse=True)
+        (out, lse), reused = poisoned(q, comfy_sage.sageattn, q, k, v, **call)
+        where = f"seed {s}, {plan.kernel.name} B={b} H={hq}/{hkv} {layout}"
+        assert reused and torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+        assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, False, where)
+        chunk = 65_535 // hq
+        for lo in range(chunk - 3, b, chunk):  # three rows before each boundary and three after
+            part = slice(lo, min(lo + 6, b))
+            alone_out, alone_lse = comfy_sage.sageattn(q[part], k[part], v[part], **call)
+            assert torch.equal(alone_out, out[part]) and torch.equal(alone_lse, lse[part]), f"{where}, rows {part}"
+    # More query heads than a grid dimension takes: PyTorch's attention, with the reason.
+    q, k, v = inputs(seed(), heads_q=65_536, heads_kv=2, nq=2, nkv=3, d=64, dtype=torch.bfloat16, layout="HND")
+    assert api.plan_for(q, k, v, mode=mode).reason.endswith("at most 65,535 query heads a call")
+    pytorch = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.equal(comfy_sage.sageattn(q, k, v, mode=mode), pytorch)

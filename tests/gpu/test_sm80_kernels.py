@@ -10,8 +10,10 @@ import torch
 from kernel_checks import (
     assert_as_accurate_as_reference,
     check,
+    check_beyond_grid_limits,
     check_compile_fullgraph,
     check_deterministic,
+    check_empty_inputs,
     check_int8_pv_long_rows,
     check_opcheck,
     inputs,
@@ -93,6 +95,15 @@ def test_int8_pv_long_rows():
 
 def test_deterministic():
     check_deterministic("sm80", (*MODES, Mode.INT4_FP8))
+
+
+def test_empty_inputs():
+    check_empty_inputs("sm80", (*MODES, Mode.INT4_FP8))
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_beyond_grid_limits(mode):
+    check_beyond_grid_limits("sm80", mode)
 
 
 def test_float32_inputs_return_float32():

@@ -11,8 +11,10 @@ import torch
 from kernel_checks import (
     assert_as_accurate_as_reference,
     check,
+    check_beyond_grid_limits,
     check_compile_fullgraph,
     check_deterministic,
+    check_empty_inputs,
     check_int8_pv_long_rows,
     check_opcheck,
     inputs,
@@ -126,6 +128,15 @@ def test_int8_pv_long_rows():
 
 def test_deterministic():
     check_deterministic("sm90", MODES)
+
+
+def test_empty_inputs():
+    check_empty_inputs("sm90", MODES)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_beyond_grid_limits(mode):
+    check_beyond_grid_limits("sm90", mode)
 
 
 @pytest.mark.parametrize(
