@@ -12,6 +12,7 @@ import itertools
 import math
 import random
 
+import pytest
 import torch
 
 import comfy_sage
@@ -201,3 +202,31 @@ def check_beyond_grid_limits(family: str, mode: Mode) -> None:
     assert api.plan_for(q, k, v, mode=mode).reason.endswith("at most 65,535 query heads a call")
     pytorch = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert torch.equal(comfy_sage.sageattn(q, k, v, mode=mode), pytorch)
+
+
+def check_past_2_31_elements(family: str, modes) -> None:
+    """Q, K, V and O of more than 2^31 elements each (and INT8 copies of more than 2^31 bytes): the first and
+    last batch entries bit for bit as calls on them alone, and within the reference's error. Needs ~30 GB of
+    free GPU memory."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip(f"needs ~30 GB of free GPU memory; {free / 2**30:.0f} GB free")
+    b, s = 64, seed()
+    g = torch.Generator("cuda").manual_seed(s)  # drawn on the GPU: 6.4e9 values
+    q, k, v = (torch.randn(b, 64, 4100, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert q.numel() > 2**31
+    for mode in modes:
+        plan = dispatch.plan(mode, q.device, 128, q.dtype, False)
+        assert plan.kernel.family == family, plan
+        out, lse = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=True)
+        for i in (0, b - 1):
+            alone_out, alone_lse = comfy_sage.sageattn(
+                q[i : i + 1], k[i : i + 1], v[i : i + 1], mode=mode, return_lse=True
+            )
+            where = f"seed {s}, {plan.kernel.name}, batch entry {i}"
+            assert torch.equal(alone_out, out[i : i + 1]) and torch.equal(alone_lse, lse[i : i + 1]), where
+            two = slice(0, 2)  # the reference on two heads of the entry
+            entry = (t[i : i + 1, two] for t in (q, k, v))
+            assert_as_accurate_as_reference(
+                out[i : i + 1, two], lse[i : i + 1, two], *entry, plan.mode, plan.kernel.tiling, "HND", False, where
+            )

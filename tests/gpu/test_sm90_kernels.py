@@ -17,6 +17,7 @@ from kernel_checks import (
     check_empty_inputs,
     check_int8_pv_long_rows,
     check_opcheck,
+    check_past_2_31_elements,
     inputs,
     poisoned,
     seed,
@@ -137,6 +138,10 @@ def test_empty_inputs():
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_beyond_grid_limits(mode):
     check_beyond_grid_limits("sm90", mode)
+
+
+def test_past_2_31_elements():
+    check_past_2_31_elements("sm90", MODES)
 
 
 @pytest.mark.parametrize(
