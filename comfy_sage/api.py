@@ -9,6 +9,17 @@ from ._inputs import Problem, check_layout, check_mask, check_sm_scale, from_hnd
 from ._log import log_once
 from .modes import Mode
 
+# Logged once, at WARNING, the first time a kernel call finds the GPU out of memory.
+OUT_OF_MEMORY_REASON = (
+    "the GPU ran out of memory for the kernels' quantized copies of Q, K and V (about half their size); such calls "
+    "run PyTorch attention, which needs no copies, until enough memory is free again"
+)
+# Kernel calls that found the GPU out of memory, by their sizes and kernel: the bytes they need. Until that much is
+# free again, calls of those sizes go straight to PyTorch attention (a failed try costs a stack trace on stderr
+# from some torch versions' stable ABI, and the time to fail).
+_short_of_memory: dict[tuple, int] = {}
+_SHORT_OF_MEMORY_ENTRIES = 256
+
 
 def sageattn(
     q: torch.Tensor,
@@ -91,20 +102,52 @@ def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode,
         log_once(plan.reason, plan.log_level)
     if plan.note:
         log_once(plan.note, plan.log_level)
-    if plan.fallback:
-        qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
-        problem = Problem(*sizes, layout)
-        out, lse = fallback.attention(
-            qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
-        )
-        # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
-        out = from_hnd(out, layout).contiguous()
-    else:
-        out, lse = ops.attention(
-            q, k, v, layout, plan.mode, family=plan.kernel.family, is_causal=is_causal, scale=scale,
-            return_lse=return_lse,
-        )  # fmt: skip
-    return out, lse
+    if not plan.fallback and (not _short_of_memory or _kernel_fits(_memory_key(q, sizes, plan, is_causal, return_lse))):
+        try:
+            return ops.attention(
+                q, k, v, layout, plan.mode, family=plan.kernel.family, is_causal=is_causal, scale=scale,
+                return_lse=return_lse,
+            )  # fmt: skip
+        except RuntimeError as error:
+            need = ops.out_of_memory_bytes(error)
+            if need is None:
+                raise
+            if need:
+                if len(_short_of_memory) >= _SHORT_OF_MEMORY_ENTRIES:
+                    _short_of_memory.clear()
+                _short_of_memory[_memory_key(q, sizes, plan, is_causal, return_lse)] = need
+            log_once(OUT_OF_MEMORY_REASON)
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
+    problem = Problem(*sizes, layout)
+    out, lse = fallback.attention(
+        qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
+    )
+    # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
+    return from_hnd(out, layout).contiguous(), lse
+
+
+def _memory_key(q: torch.Tensor, sizes, plan: dispatch.Plan, is_causal: bool, return_lse: bool) -> tuple:
+    """What the memory a kernel call needs depends on (`_short_of_memory`'s key); the device first."""
+    return q.device, sizes, q.dtype, plan.mode, plan.kernel.family, is_causal, return_lse
+
+
+def _kernel_fits(key: tuple) -> bool:
+    """False while a kernel call of `key` that found the GPU out of memory would find it so again."""
+    need = _short_of_memory.get(key)
+    if need is None:
+        return True
+    if _available_bytes(key[0]) < need:
+        return False
+    del _short_of_memory[key]
+    return True
+
+
+def _available_bytes(device: torch.device) -> int:
+    """What an allocation on `device` can take: the driver's free memory and the blocks PyTorch's caching
+    allocator holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+    return free + stats.get("reserved_bytes.all.current", 0) - stats.get("allocated_bytes.all.current", 0)
 
 
 @torch.library.custom_op(

@@ -11,6 +11,8 @@ stream and never synchronizes. The fake kernel below gives torch.compile the out
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .modes import Mode
@@ -19,6 +21,10 @@ LAYOUT_CODES = {"HND": 0, "NHD": 1}
 FAMILY_CODES = {"sm80": 80, "sm90": 90}  # the op's `family`: mma.sync, wgmma
 PV_CODES = {"fp16": 0, "fp8": 1, "int8": 2}  # the op's `pv` (csrc/attention/params.h PvType)
 _ALIGN_ELEMENTS = 8  # 16 bytes of fp16/bf16
+# What the op's error says when an allocation failed (csrc/binding.cpp kOutOfMemory): the GPU is out of memory,
+# and the call needs this many bytes.
+OUT_OF_MEMORY = "comfy_sage: out of GPU memory"
+_OUT_OF_MEMORY_BYTES = re.compile(re.escape(OUT_OF_MEMORY) + r": (\d+) bytes")
 
 
 _registered = False
@@ -34,6 +40,16 @@ def register_fakes() -> None:
     @torch.library.register_fake("comfy_sage::attention")
     def _attention_fake(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family=80):
         return torch.empty_like(q), empty_lse(q, layout == LAYOUT_CODES["NHD"], return_lse)
+
+
+def out_of_memory_bytes(error: BaseException) -> int | None:
+    """When `error`, raised by a kernel call, says the GPU had no memory left for the output or the quantized
+    copies of Q, K and V (PyTorch attention, which needs no copies, may still fit): the bytes the call needs, or
+    0 where torch's own OutOfMemoryError does not say. None for any other error."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return 0
+    found = _OUT_OF_MEMORY_BYTES.search(str(error)) if isinstance(error, RuntimeError) else None
+    return int(found[1]) if found else None
 
 
 def empty_lse(q: torch.Tensor, nhd: bool, return_lse: bool) -> torch.Tensor:

@@ -14,6 +14,10 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <exception>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 
 #include "attention/attention.h"
@@ -47,6 +51,20 @@ void check_input(const Tensor& x, const char* name, ScalarType dtype, int64_t de
   STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
   for (int i = 0; i < 3; ++i) {  // a size-1 dimension's stride is never used
     STD_TORCH_CHECK(x.size(i) == 1 || x.stride(i) % 8 == 0, name, " strides must be multiples of 8");
+  }
+}
+
+// A fresh tensor on `like`'s device. A failed allocation (the GPU out of memory: besides the output, which PyTorch
+// attention allocates too, the quantized copies of Q, K and V take about half their bytes) raises an error that
+// starts with kOutOfMemory and says how many bytes the call needs in all; the Python side (comfy_sage/ops.py
+// OUT_OF_MEMORY) answers it with PyTorch attention. The stable ABI's own error would not say what failed.
+constexpr const char* kOutOfMemory = "comfy_sage: out of GPU memory";
+Tensor allocate(const Tensor& like, std::initializer_list<int64_t> sizes, ScalarType dtype, int64_t call_bytes) {
+  try {
+    return torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(sizes), dtype);
+  } catch (const std::exception&) {
+    throw std::runtime_error(std::string(kOutOfMemory) + ": " + std::to_string(call_bytes) +
+                             " bytes for the output and the quantized copies of Q, K and V");
   }
 }
 
@@ -99,12 +117,18 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
 
   const std::array<int64_t, 4> out_sizes = layout == kLayoutHND ? std::array<int64_t, 4>{dq.b, dq.h, dq.n, dq.d}
                                                                  : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
+  const int64_t output_bytes = dq.b * dq.h * dq.n * dq.d * 2;
+  const int64_t lse_bytes = return_lse ? dq.b * dq.h * dq.n * 4 : 0;
   // Contiguous, so that every output row starts 16-byte aligned (head_dim is a multiple of 8): the kernels'
   // epilogue writes 16-byte vectors.
-  Tensor out = torch::stable::new_empty(q, {out_sizes.data(), 4});
-  Tensor lse = return_lse ? torch::stable::new_empty(q, {dq.b, dq.h, dq.n}, ScalarType::Float)
-                          : torch::stable::new_empty(q, {0}, ScalarType::Float);
-  if (dq.b == 0 || dq.h == 0 || dq.n == 0) return {out, lse};  // nothing to compute (and no grid of size 0)
+  // The output first (tests hand it a block they poisoned), then the LSE.
+  const auto allocate_results = [&](int64_t call_bytes) {
+    Tensor out = allocate(q, {out_sizes[0], out_sizes[1], out_sizes[2], out_sizes[3]}, dtype, call_bytes);
+    Tensor lse = return_lse ? allocate(q, {dq.b, dq.h, dq.n}, ScalarType::Float, call_bytes)
+                            : allocate(q, {0}, ScalarType::Float, call_bytes);
+    return std::make_tuple(out, lse);
+  };
+  if (dq.b == 0 || dq.h == 0 || dq.n == 0) return allocate_results(0);  // nothing to compute, no grid of size 0
 
   // Grid dimensions y and z take at most 65,535: the quantization's y is batch × heads, the attention
   // kernels' y the query heads and z the batch. A call with more runs in batch chunks that fit, one after
@@ -158,7 +182,9 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   constexpr int kBuffers = sizeof(sizes) / sizeof(sizes[0]);
   int64_t offsets[kBuffers], total = 0;
   for (int i = 0; i < kBuffers; ++i) offsets[i] = total, total += round_up(sizes[i], kAlign);
-  Tensor workspace = torch::stable::new_empty(q, {total}, ScalarType::Byte);
+  const int64_t call_bytes = output_bytes + lse_bytes + total;
+  auto [out, lse] = allocate_results(call_bytes);
+  Tensor workspace = allocate(q, {total}, ScalarType::Byte, call_bytes);
   auto* base = static_cast<uint8_t*>(workspace.data_ptr());
 
   AttentionArgs a{};

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_sage import _log, capability, dispatch
+from comfy_sage import _log, api, capability, dispatch
 
 
 @pytest.fixture
@@ -16,13 +16,15 @@ def gen() -> torch.Generator:
 
 @pytest.fixture
 def fresh_state():
-    """Forget cached plans, the kernel status and the messages already logged, before and after the test."""
+    """Forget cached plans, the kernel status, the messages already logged and the calls that ran out of GPU
+    memory, before and after the test."""
 
     def clear():
         dispatch.clear_cache()
         capability.kernel_status.cache_clear()
         capability._kernels_run_on.cache_clear()
         _log.forget_logged()
+        api._short_of_memory.clear()
 
     clear()
     yield

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import comfy_sage
-from comfy_sage import Mode, _log, api, capability, dispatch, sageattn
+from comfy_sage import Mode, _log, api, capability, dispatch, fallback, ops, sageattn
+from comfy_sage._inputs import Problem
 from comfy_sage.capability import KernelStatus
 from comfy_sage.testing import make_qkv
+from comfy_sage.tiling import SM80
 
 MODE_STRINGS = ["auto", "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "int8_int8", "sdpa"]
 
@@ -276,3 +278,74 @@ def test_plan_for_is_the_plan_sageattn_runs(gen, fresh_state, monkeypatch):
     assert seen[0] == seen[1] and p.fallback and "the inputs are on cpu" in p.reason
     with pytest.raises(ValueError, match="tensor_layout"):
         api.plan_for(q, k, v, tensor_layout="BNHD")
+
+
+def test_kernel_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch):
+    # The op's allocations failing (its error says how many bytes the call needs): the call runs PyTorch attention
+    # and says so once; calls of the same sizes then go straight there (no failing try) until that much memory
+    # is available again, while other sizes still try the kernel.
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+    tries, available = [], [0]
+    need = 5_000_000
+
+    def attention(q, *args, **kwargs):
+        tries.append(q.shape[2])
+        if available[0] < need:
+            raise RuntimeError(f"attention, binding.cpp:120, {ops.OUT_OF_MEMORY}: {need} bytes for the output and ...")
+        return torch.ones_like(q), None
+
+    monkeypatch.setattr(ops, "attention", attention)
+    monkeypatch.setattr(api, "_available_bytes", lambda device: available[0])
+    q, k, v = small(gen)
+    expected = fallback.attention(
+        q, k, v, Problem(1, 2, 2, 24, 24, 64, "HND"), is_causal=False, scale=0.125, attn_mask=None, return_lse=False
+    )[0]
+    for _ in range(3):
+        assert torch.equal(sageattn(q, k, v, mode="int8_int8"), expected)
+    assert tries == [24]  # tried once
+    sageattn(q[:, :, :20], k, v, mode="int8_int8")  # other sizes: tried
+    assert tries == [24, 20]
+    available[0] = need
+    assert torch.equal(sageattn(q, k, v, mode="int8_int8"), torch.ones_like(q))
+    assert torch.equal(sageattn(q, k, v, mode="int8_int8"), torch.ones_like(q))
+    assert tries == [24, 20, 24, 24]
+    assert reasons(caplog) == [api.OUT_OF_MEMORY_REASON]
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+def test_torch_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch):
+    # torch's own OutOfMemoryError (float32 inputs converted in Python) says no size: each call tries again.
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+    tries = []
+
+    def attention(q, *args, **kwargs):
+        tries.append(q.shape)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ops, "attention", attention)
+    q, k, v = small(gen)
+    out, lse = sageattn(q, k, v, mode="int8_int8", return_lse=True)
+    nhd = sageattn(*(t.transpose(1, 2) for t in (q, k, v)), tensor_layout="NHD", mode="int8_int8")
+    expected, expected_lse = fallback.attention(
+        q, k, v, Problem(1, 2, 2, 24, 24, 64, "HND"), is_causal=False, scale=0.125, attn_mask=None, return_lse=True
+    )
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse) and torch.equal(nhd, expected.transpose(1, 2))
+    assert len(tries) == 2 and not api._short_of_memory
+    assert reasons(caplog) == [api.OUT_OF_MEMORY_REASON]
+
+
+def test_other_kernel_errors_are_raised(gen, fresh_state, monkeypatch):
+    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("attention, binding.cpp:230, comfy_sage attention launch failed: invalid argument")
+
+    monkeypatch.setattr(ops, "attention", fails)
+    q, k, v = small(gen)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        sageattn(q, k, v, mode="int8_int8")

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ import comfy_sage
 from comfy_sage import api, dispatch, ops, reference
 from comfy_sage.modes import Mode
 from comfy_sage.testing import make_qkv
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def seed() -> int:
@@ -230,3 +236,45 @@ def check_past_2_31_elements(family: str, modes) -> None:
             assert_as_accurate_as_reference(
                 out[i : i + 1, two], lse[i : i + 1, two], *entry, plan.mode, plan.kernel.tiling, "HND", False, where
             )
+
+
+_OUT_OF_MEMORY_SCRIPT = """
+import sys, torch, comfy_sage
+from comfy_sage import api, dispatch
+from comfy_sage.modes import Mode
+family, seed = sys.argv[1], int(sys.argv[2])
+with dispatch.prefer_family(family):
+    g = torch.Generator("cuda").manual_seed(seed)
+    q, k, v = (torch.randn(1, 24, 32768, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert dispatch.plan(Mode.INT8_INT8, q.device, 128, q.dtype, False).kernel.family == family
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    kernel_out = comfy_sage.sageattn(q, k, v, mode=Mode.INT8_INT8)
+    assert not torch.equal(kernel_out, expected), "the kernel's output should differ from PyTorch attention's"
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    # Room for the output (201 MB) and PyTorch attention's own needs, not for the copies (+300 MB).
+    ballast = torch.empty(free - 300 * 2**20, dtype=torch.uint8, device="cuda")
+    fell_back = torch.equal(comfy_sage.sageattn(q, k, v, mode=Mode.INT8_INT8), expected)
+    remembered = len(api._short_of_memory) == 1
+    again = torch.equal(comfy_sage.sageattn(q, k, v, mode=Mode.INT8_INT8), expected)
+    del ballast
+    torch.cuda.empty_cache()
+    assert fell_back and remembered and again, (fell_back, remembered, again)
+    assert torch.equal(comfy_sage.sageattn(q, k, v, mode=Mode.INT8_INT8), kernel_out), "no kernel once memory is free"
+    assert not api._short_of_memory
+print("ok")
+"""
+
+
+def check_out_of_memory_runs_pytorch_attention(family: str) -> None:
+    """With the GPU so full that a call's output fits but not its quantized copies of Q, K and V, the call runs
+    PyTorch attention (which needs no copies: the same output as calling it, bit for bit) instead of failing, and
+    so does the next call of those sizes, without trying; once the memory is free again, the kernel runs. In a
+    fresh process, whose allocator holds no blocks from other tests that the copies could fit into."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT, family, str(seed())],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

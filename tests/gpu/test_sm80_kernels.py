@@ -16,6 +16,7 @@ from kernel_checks import (
     check_empty_inputs,
     check_int8_pv_long_rows,
     check_opcheck,
+    check_out_of_memory_runs_pytorch_attention,
     check_past_2_31_elements,
     inputs,
     poisoned,
@@ -105,6 +106,10 @@ def test_empty_inputs():
 @pytest.mark.parametrize("mode", MODES, ids=str)
 def test_beyond_grid_limits(mode):
     check_beyond_grid_limits("sm80", mode)
+
+
+def test_out_of_memory_runs_pytorch_attention():
+    check_out_of_memory_runs_pytorch_attention("sm80")
 
 
 def test_past_2_31_elements():
