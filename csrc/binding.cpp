@@ -156,7 +156,11 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   int64_t split_floats = 0, last_split_floats = 0;
   int split_counters = 0, last_split_counters = 0;
   split_sizes(chunk, &split_floats, &split_counters);
-  split_sizes(last_chunk, &last_split_floats, &last_split_counters);
+  if (last_chunk == chunk) {
+    last_split_floats = split_floats, last_split_counters = split_counters;
+  } else {
+    split_sizes(last_chunk, &last_split_floats, &last_split_counters);
+  }
   split_floats = std::max(split_floats, last_split_floats);
   const int max_split_counters = std::max(split_counters, last_split_counters);
 
