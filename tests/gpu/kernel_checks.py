@@ -278,3 +278,52 @@ def check_out_of_memory_runs_pytorch_attention(family: str) -> None:
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+_EDGE_LENGTHS = (1, 2, 7, 16, 63, 64, 65, 77, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 385, 511, 513, 1000)
+
+
+def check_random_calls(family: str, modes, head_dims, cases: int = 200) -> None:
+    """Calls drawn at random (a fresh seed each run, printed on failure): lengths around every block size,
+    GQA, causal, the LSE, both layouts and dtypes, both input kinds, and strided views into larger tensors
+    (extra heads and tokens around the ones used). Each against the reference, its output poisoned."""
+    rng = random.Random(seed())
+    for _ in range(cases):
+        mode, d, case_seed = rng.choice(modes), rng.choice(head_dims), rng.randrange(2**31)
+        b, hkv = rng.randint(1, 3), rng.randint(1, 3)
+        hq = hkv * rng.choice((1, 1, 2, 3, 8))
+        nq, nkv = (rng.choice((*_EDGE_LENGTHS, rng.randint(1, 2000))) for _ in range(2))
+        causal, lse, strided = rng.random() < 0.4, rng.random() < 0.5, rng.random() < 0.3
+        layout, dtype = rng.choice(("HND", "NHD")), rng.choice((torch.float16, torch.bfloat16))
+        kind = rng.choice(("normal", "biased"))
+        where = (
+            f"seed {case_seed}: {mode} B={b} H={hq}/{hkv} Nq={nq} Nkv={nkv} D={d} causal={causal} lse={lse} "
+            f"{layout} {dtype} {kind} strided={strided}"
+        )
+        g = torch.Generator().manual_seed(case_seed)
+        if strided:
+            qb, kb, vb = make_qkv(
+                b, hq + 1, nq + 3, d, heads_kv=hkv + 1, seq_kv=nkv + 5, dtype=dtype, device="cuda", kind=kind,
+                generator=g,
+            )  # fmt: skip
+            q, k, v = qb[:, 1:, 2 : 2 + nq], kb[:, 1:, 3 : 3 + nkv], vb[:, :hkv, 1 : 1 + nkv]
+            if layout == "NHD":
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = make_qkv(
+                b, hq, nq, d, heads_kv=hkv, seq_kv=nkv, dtype=dtype, device="cuda", layout=layout, kind=kind,
+                generator=g,
+            )  # fmt: skip
+        plan = api.plan_for(q, k, v, tensor_layout=layout, mode=mode, is_causal=causal, return_lse=lse)
+        assert not plan.fallback and plan.kernel.family == family, f"{plan} ({where})"
+        call = dict(tensor_layout=layout, mode=mode, is_causal=causal, return_lse=lse)
+        result, reused = poisoned(
+            torch.empty(q.shape, dtype=dtype, device="cuda"), comfy_sage.sageattn, q, k, v, **call
+        )
+        out, out_lse = result if lse else (result, None)
+        assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
+        assert out.shape == q.shape and torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+        assert_as_accurate_as_reference(out, out_lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
+        if causal and nq > nkv:  # rows that see no key
+            rows = out.transpose(1, 2) if layout == "NHD" else out
+            assert (rows[:, :, : nq - nkv] == 0).all(), where

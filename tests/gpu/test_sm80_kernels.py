@@ -18,6 +18,7 @@ from kernel_checks import (
     check_opcheck,
     check_out_of_memory_runs_pytorch_attention,
     check_past_2_31_elements,
+    check_random_calls,
     inputs,
     poisoned,
     seed,
@@ -110,6 +111,12 @@ def test_beyond_grid_limits(mode):
 
 def test_out_of_memory_runs_pytorch_attention():
     check_out_of_memory_runs_pytorch_attention("sm80")
+
+
+def test_random_calls():
+    check_random_calls(
+        "sm80", (*MODES, Mode.INT4_FP8, Mode.INT4_FP16), (32, 40, 48, 64, 72, 80, 96, 112, 120, 128, 160, 256)
+    )
 
 
 def test_past_2_31_elements():

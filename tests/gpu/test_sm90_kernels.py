@@ -19,6 +19,7 @@ from kernel_checks import (
     check_opcheck,
     check_out_of_memory_runs_pytorch_attention,
     check_past_2_31_elements,
+    check_random_calls,
     inputs,
     poisoned,
     seed,
@@ -143,6 +144,10 @@ def test_beyond_grid_limits(mode):
 
 def test_out_of_memory_runs_pytorch_attention():
     check_out_of_memory_runs_pytorch_attention("sm90")
+
+
+def test_random_calls():
+    check_random_calls("sm90", MODES, (32, 40, 48, 64, 72, 80, 96, 112, 120, 128))
 
 
 def test_past_2_31_elements():
