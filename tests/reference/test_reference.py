@@ -417,9 +417,11 @@ def test_chunking_does_not_change_the_result(mode: str) -> None:
         if mode.startswith("int8"):  # no Q smoothing: every row's arithmetic is the same, bit for bit
             assert torch.equal(small[0], big[0]) and torch.equal(small[1], big[1]), what
         # ΔS = q̄·K'ᵀ is a float32 product whose rounding depends on how many Q blocks it covers at once;
-        # the last-bit differences can move an FP8 rounding of P̃ now and then.
+        # the last-bit differences can move an FP8 rounding of P̃ now and then. Over 300 seeds: int4_fp8 median
+        # 3e-7, 99th percentile 1.6e-5, max 2.3e-5 (a few P̃ roundings moved); int4_fp16 max 1.3e-6. Both bounds
+        # stay three orders of magnitude below these modes' own error on these inputs (rel L1 ~0.19 vs float64).
         drift = reference.relative_l1(small[0], big[0])
-        assert drift < 1e-5, f"{what}: rel L1 {drift:.2e} between chunk sizes"
+        assert drift < (2e-4 if mode.endswith("fp8") else 1e-5), f"{what}: rel L1 {drift:.2e} between chunk sizes"
         torch.testing.assert_close(small[1], big[1], rtol=1e-6, atol=1e-5, msg=what)
 
 
