@@ -193,15 +193,17 @@ def test_causal(mode: str, seq_q: int, seq_kv: int) -> None:
         assert (lse[:, :, :blind] == -math.inf).all(), what
         assert torch.isfinite(lse[:, :, blind:]).all() and torch.isfinite(out).all(), what
         check_accuracy(out[:, :, blind:], truth[:, :, blind:], kind="normal", mode=mode, what=what)
-        # With N_q ≥ N_kv the first row that sees anything sees key 0 only: its output is V[0], exact with
-        # FP16 V, within e4m3's rounding (2^-4 relative, 2^-9 of the channel's scale when subnormal) with FP8,
-        # within half an INT8 step of the channel plus P̃'s rounding with INT8 (P̃ ≥ p_max / 2 under the integer row
-        # max, so 2^-8 relative) plus the output's own rounding (half a bf16 step, 2^-8 relative at most).
+        # With N_q ≥ N_kv the first row that sees anything sees key 0 only: its output is V[0]. Exact with FP16
+        # V, up to V's own rounding to FP16 (below 2^-14 FP16's subnormals keep fewer bits than bf16: seed
+        # 479256074 has a V value of 7.0035e-6, which FP16 holds as 7.0333e-6); within e4m3's rounding (2^-4
+        # relative, 2^-9 of the channel's scale when subnormal) with FP8; within half an INT8 step of the channel
+        # plus P̃'s rounding with INT8 (P̃ ≥ p_max / 2 under the integer row max, so 2^-8 relative) plus the
+        # output's own rounding (half a bf16 step, 2^-8 relative at most).
         if seq_kv > seq_q:
             continue
         first, v0 = out[:, :, blind].float(), v[:, :, 0].float()
         if mode.endswith("fp16"):
-            assert torch.equal(first, v0), what
+            assert torch.equal(first, v[:, :, 0].to(torch.float16).to(v.dtype).float()), what
         elif mode.endswith("int8"):
             step = v.float().abs().amax(2) / 127
             assert ((first - v0).abs() <= step * 0.51 + v0.abs() * 2**-8 * 1.01 + first.abs() * 2**-8).all(), what
