@@ -14,6 +14,10 @@ OUT_OF_MEMORY_REASON = (
     "the GPU ran out of memory for the kernels' quantized copies of Q, K and V (about half their size); such calls "
     "run PyTorch attention, which needs no copies, until enough memory is free again"
 )
+# Logged once, at WARNING, the first time a call asks for gradients.
+NEEDS_GRAD_REASON = (
+    "the kernels have no backward pass: calls whose inputs require gradients (with grad mode on) run PyTorch attention"
+)
 # Kernel calls that found the GPU out of memory, by their sizes and kernel: the bytes they need. Until that much is
 # free again, calls of those sizes go straight to PyTorch attention (a failed try costs a stack trace on stderr
 # from some torch versions' stable ABI, and the time to fail).
@@ -48,8 +52,9 @@ def sageattn(
     return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
 
     A call no kernel can run (no CUDA GPU, an older GPU, a mask, a head dim outside 32..256, kernels not
-    installed) runs PyTorch attention and logs the reason once to the "comfy_sage" logger (a call that
-    "auto" leaves to PyTorch attention for speed: once, at INFO).
+    installed, inputs that require gradients: the kernels have no backward pass) runs PyTorch attention and logs
+    the reason once to the "comfy_sage" logger (a call that "auto" leaves to PyTorch attention for speed: once,
+    at INFO).
     """
     # The checks run on every call, so the common case costs little: a `Problem` is built only for a mask (and
     # in the fallback), and the loop that names a flag that is not a bool runs only when one is not.
@@ -64,7 +69,12 @@ def sageattn(
         check_mask(attn_mask, Problem(*sizes, layout), is_causal, q.device)
     scale = check_sm_scale(sm_scale, sizes[-1])
 
-    if torch.compiler.is_compiling():  # one opaque op for torch.compile: no graph break, no tracing into dispatch
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # The kernels have no backward pass: PyTorch's attention, which has one (traced as it is under compile).
+        if mode is not Mode.SDPA and not torch.compiler.is_compiling():
+            log_once(NEEDS_GRAD_REASON)
+        out, lse = _pytorch_attention(q, k, v, layout, sizes, is_causal, scale, attn_mask, return_lse)
+    elif torch.compiler.is_compiling():  # one opaque op for torch.compile: no graph break, no tracing into dispatch
         out, lse = torch.ops.comfy_sage.sageattn(q, k, v, layout, is_causal, scale, mode.value, attn_mask, return_lse)
     else:
         out, lse = _run(q, k, v, layout, sizes, is_causal, scale, mode, attn_mask, return_lse)
@@ -117,11 +127,16 @@ def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode,
                     _short_of_memory.clear()
                 _short_of_memory[_memory_key(q, sizes, plan, is_causal, return_lse)] = need
             log_once(OUT_OF_MEMORY_REASON)
+    return _pytorch_attention(q, k, v, layout, sizes, is_causal, scale, attn_mask, return_lse)
+
+
+def _pytorch_attention(q, k, v, layout: str, sizes, is_causal: bool, scale: float, attn_mask, return_lse: bool):
+    """PyTorch's attention on one validated call: (out in the caller's layout, LSE or None)."""
     qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
-    problem = Problem(*sizes, layout)
     out, lse = fallback.attention(
-        qh, kh, vh, problem, is_causal=is_causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse
-    )
+        qh, kh, vh, Problem(*sizes, layout), is_causal=is_causal, scale=scale, attn_mask=attn_mask,
+        return_lse=return_lse,
+    )  # fmt: skip
     # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
     return from_hnd(out, layout).contiguous(), lse
 

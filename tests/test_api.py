@@ -349,3 +349,37 @@ def test_other_kernel_errors_are_raised(gen, fresh_state, monkeypatch):
     q, k, v = small(gen)
     with pytest.raises(RuntimeError, match="launch failed"):
         sageattn(q, k, v, mode="int8_int8")
+
+
+def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplog, monkeypatch):
+    # The kernels have no backward pass: with grad mode on and an input that requires gradients, the call runs
+    # PyTorch's attention (differentiable: the same output and gradients as calling it) and says why once;
+    # without grad mode, or without an input that requires gradients, the kernel runs.
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+    ran = []
+
+    def attention(q, *args, **kwargs):
+        ran.append(q.shape)
+        return torch.zeros_like(q), None
+
+    monkeypatch.setattr(ops, "attention", attention)
+    q, k, v = (t.float().requires_grad_() for t in small(gen))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    for layout in ("HND", "NHD"):
+        args = [t.transpose(1, 2) if layout == "NHD" else t for t in (q, k, v)]
+        out = sageattn(*args, tensor_layout=layout, mode="int8_int8", is_causal=True)
+        out = out.transpose(1, 2) if layout == "NHD" else out
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert not ran
+    with torch.no_grad():
+        sageattn(q, k, v, mode="int8_int8")
+    sageattn(q.detach(), k.detach(), v.detach(), mode="int8_int8")
+    assert len(ran) == 2
+    sageattn(q, k, v, mode="sdpa")  # asked for PyTorch attention: nothing to explain
+    assert reasons(caplog) == [api.NEEDS_GRAD_REASON]

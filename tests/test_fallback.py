@@ -362,3 +362,20 @@ def test_gpu_masked_fallback_backward(gen):  # pragma: no cover - GPU only
     for t, r in zip((q, k, v), ref, strict=True):
         torch.testing.assert_close(t.grad.cpu().double(), r.grad, atol=2e-2, rtol=2e-2)
     assert (q.grad[:, :, 7] == 0).all()  # the row that sees nothing has no gradient
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("mode", ["auto", "int8_int8", "int8_fp8"])
+def test_gpu_calls_that_need_gradients_run_pytorch_attention(mode, gen):  # pragma: no cover - GPU only
+    # The kernels have no backward pass: the output and gradients of PyTorch's attention, also where a kernel
+    # would run the same call without gradients.
+    q, k, v = (t.cuda().requires_grad_() for t in make_qkv(1, 4, 4608, 128, dtype=torch.bfloat16, generator=gen))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
+    out = sageattn(q, k, v, mode=mode)
+    assert torch.equal(out, expected)
+    for got, want in zip(torch.autograd.grad(out.float().square().sum(), (q, k, v)), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-2)  # backward kernels may sum in any order
+    with torch.no_grad():
+        assert not torch.equal(sageattn(q, k, v, mode=mode), expected)  # the kernel
