@@ -32,7 +32,9 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """O [B, H_q, N_q, D] (HND views in, HND out) and, with `return_lse`, the LSE [B, H_q, N_q] float32."""
     nq, nkv = problem.seq_q, problem.seq_kv
-    gqa = problem.heads_q != problem.heads_kv
+    # A branch, not the comparison itself: under torch.compile's dynamic shapes that would be a SymBool, which
+    # SDPA's enable_gqa rejects; the branch makes the trace guard on it instead.
+    gqa = True if problem.heads_q != problem.heads_kv else False  # noqa: SIM210
     # No keys to attend to, or nothing to compute (SDPA on CUDA returns None for an empty batch or zero heads:
     # seen on an H100 with torch 2.11).
     if nkv == 0 or q.numel() == 0:
