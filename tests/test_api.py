@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,13 +281,26 @@ def test_plan_for_is_the_plan_sageattn_runs(gen, fresh_state, monkeypatch):
         api.plan_for(q, k, v, tensor_layout="BNHD")
 
 
-def test_kernel_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch):
+@pytest.fixture
+def kernel_plan(monkeypatch):
+    """Every call planned onto the mma.sync INT8+INT8 kernel, whatever the device (the op itself is faked)."""
+    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+
+
+def pytorch_attention(q, k, v):
+    """PyTorch's attention as `sageattn` runs it for `small`'s HND inputs: (out, LSE)."""
+    return fallback.attention(
+        q, k, v, Problem(*q.shape[:2], k.shape[1], q.shape[2], k.shape[2], q.shape[3], "HND"), is_causal=False,
+        scale=q.shape[-1] ** -0.5, attn_mask=None, return_lse=True,
+    )  # fmt: skip
+
+
+def test_kernel_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch, kernel_plan):
     # The op's allocations failing (its error says how many bytes the call needs): the call runs PyTorch attention
     # and says so once; calls of the same sizes then go straight there (no failing try) until that much memory
     # is available again, while other sizes still try the kernel.
     caplog.set_level(logging.INFO, logger="comfy_sage")
-    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
-    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
     tries, available = [], [0]
     need = 5_000_000
 
@@ -299,9 +313,7 @@ def test_kernel_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, m
     monkeypatch.setattr(ops, "attention", attention)
     monkeypatch.setattr(api, "_available_bytes", lambda device: available[0])
     q, k, v = small(gen)
-    expected = fallback.attention(
-        q, k, v, Problem(1, 2, 2, 24, 24, 64, "HND"), is_causal=False, scale=0.125, attn_mask=None, return_lse=False
-    )[0]
+    expected = pytorch_attention(q, k, v)[0]
     for _ in range(3):
         assert torch.equal(sageattn(q, k, v, mode="int8_int8"), expected)
     assert tries == [24]  # tried once
@@ -315,11 +327,9 @@ def test_kernel_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, m
     assert caplog.records[0].levelno == logging.WARNING
 
 
-def test_torch_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch):
+def test_torch_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch, kernel_plan):
     # torch's own OutOfMemoryError (float32 inputs converted in Python) says no size: each call tries again.
     caplog.set_level(logging.INFO, logger="comfy_sage")
-    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
-    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
     tries = []
 
     def attention(q, *args, **kwargs):
@@ -330,17 +340,13 @@ def test_torch_out_of_memory_runs_pytorch_attention(gen, fresh_state, caplog, mo
     q, k, v = small(gen)
     out, lse = sageattn(q, k, v, mode="int8_int8", return_lse=True)
     nhd = sageattn(*(t.transpose(1, 2) for t in (q, k, v)), tensor_layout="NHD", mode="int8_int8")
-    expected, expected_lse = fallback.attention(
-        q, k, v, Problem(1, 2, 2, 24, 24, 64, "HND"), is_causal=False, scale=0.125, attn_mask=None, return_lse=True
-    )
+    expected, expected_lse = pytorch_attention(q, k, v)
     assert torch.equal(out, expected) and torch.equal(lse, expected_lse) and torch.equal(nhd, expected.transpose(1, 2))
     assert len(tries) == 2 and not api._short_of_memory
     assert reasons(caplog) == [api.OUT_OF_MEMORY_REASON]
 
 
-def test_other_kernel_errors_are_raised(gen, fresh_state, monkeypatch):
-    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
-    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+def test_other_kernel_errors_are_raised(gen, fresh_state, monkeypatch, kernel_plan):
 
     def fails(*args, **kwargs):
         raise RuntimeError("attention, binding.cpp:230, comfy_sage attention launch failed: invalid argument")
@@ -351,13 +357,11 @@ def test_other_kernel_errors_are_raised(gen, fresh_state, monkeypatch):
         sageattn(q, k, v, mode="int8_int8")
 
 
-def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplog, monkeypatch):
+def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplog, monkeypatch, kernel_plan):
     # The kernels have no backward pass: with grad mode on and an input that requires gradients, the call runs
     # PyTorch's attention (differentiable: the same output and gradients as calling it) and says why once;
     # without grad mode, or without an input that requires gradients, the kernel runs.
     caplog.set_level(logging.INFO, logger="comfy_sage")
-    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
-    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
     ran = []
 
     def attention(q, *args, **kwargs):
@@ -383,3 +387,16 @@ def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplo
     assert len(ran) == 2
     sageattn(q, k, v, mode="sdpa")  # asked for PyTorch attention: nothing to explain
     assert reasons(caplog) == [api.NEEDS_GRAD_REASON]
+
+
+def test_out_of_memory_marker_is_the_bindings():
+    """ops.OUT_OF_MEMORY and the byte count after it are what csrc/binding.cpp's allocation error says."""
+    binding = Path(__file__).parents[1] / "csrc" / "binding.cpp"
+    if not binding.is_file():
+        pytest.skip("needs the source tree (csrc/binding.cpp)")
+    source = binding.read_text()
+    assert f'kOutOfMemory = "{ops.OUT_OF_MEMORY}";' in source
+    assert 'std::string(kOutOfMemory) + ": " + std::to_string(call_bytes) +' in source
+    assert (
+        ops.out_of_memory_bytes(RuntimeError(f"attention, binding.cpp:70, {ops.OUT_OF_MEMORY}: 123 bytes for")) == 123
+    )

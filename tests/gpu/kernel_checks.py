@@ -81,6 +81,24 @@ def assert_as_accurate_as_reference(out, lse, q, k, v, mode, tiling, layout, cau
     assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs reference {ref_lse_err:.5f} ({where})"
 
 
+def check_call(q, k, v, plan, *, layout, causal, return_lse, where):
+    """One kernel call of `plan` through `sageattn` with its output poisoned: every element written, finite, as
+    accurate as the reference, rows that see no key 0. Returns (out, LSE or None)."""
+    call = dict(mode=plan.requested, is_causal=causal, tensor_layout=layout, return_lse=return_lse)
+    like = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    result, reused = poisoned(like, comfy_sage.sageattn, q, k, v, **call)
+    out, lse = result if return_lse else (result, None)
+    assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
+    assert out.shape == q.shape and out.dtype == q.dtype, where
+    assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+    assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
+    nq, nkv = (t.shape[1 if layout == "NHD" else 2] for t in (q, k))
+    if causal and nq > nkv:  # rows that see no key
+        rows = out.transpose(1, 2) if layout == "NHD" else out
+        assert (rows[:, :, : nq - nkv] == 0).all(), where
+    return out, lse
+
+
 def check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal", family="sm80"):
     """One kernel call through `sageattn` (poisoned output) against the reference, with `family`'s tiling."""
     s = seed()
@@ -90,17 +108,8 @@ def check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal", 
     plan = dispatch.plan(mode, q.device, d, dtype, False)
     assert not plan.fallback, plan.reason
     assert plan.kernel.family == family, plan
-    (out, lse), reused = poisoned(
-        q, comfy_sage.sageattn, q, k, v, mode=mode, is_causal=causal, tensor_layout=layout, return_lse=True
-    )
     where = f"seed {s}, {plan.kernel.name} D={d} causal={causal} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {kind}"
-    assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
-    assert out.shape == q.shape and out.dtype == dtype
-    assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-    assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
-    if causal and nq > nkv:  # rows that see no key
-        rows = out.transpose(1, 2) if layout == "NHD" else out
-        assert (rows[:, :, : nq - nkv] == 0).all(), where
+    check_call(q, k, v, plan, layout=layout, causal=causal, return_lse=True, where=where)
 
 
 def check_opcheck(family: str) -> None:
@@ -193,11 +202,9 @@ def check_beyond_grid_limits(family: str, mode: Mode) -> None:
         )
         plan = dispatch.plan(mode, q.device, 64, q.dtype, False)
         assert plan.kernel.family == family, plan
-        call = dict(mode=mode, tensor_layout=layout, return_lse=True)
-        (out, lse), reused = poisoned(q, comfy_sage.sageattn, q, k, v, **call)
         where = f"seed {s}, {plan.kernel.name} B={b} H={hq}/{hkv} {layout}"
-        assert reused and torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-        assert_as_accurate_as_reference(out, lse, q, k, v, plan.mode, plan.kernel.tiling, layout, False, where)
+        out, lse = check_call(q, k, v, plan, layout=layout, causal=False, return_lse=True, where=where)
+        call = dict(mode=mode, tensor_layout=layout, return_lse=True)
         chunk = 65_535 // hq
         for lo in range(chunk - 3, b, chunk):  # three rows before each boundary and three after
             part = slice(lo, min(lo + 6, b))
@@ -316,14 +323,4 @@ def check_random_calls(family: str, modes, head_dims, cases: int = 200) -> None:
             )  # fmt: skip
         plan = api.plan_for(q, k, v, tensor_layout=layout, mode=mode, is_causal=causal, return_lse=lse)
         assert not plan.fallback and plan.kernel.family == family, f"{plan} ({where})"
-        call = dict(tensor_layout=layout, mode=mode, is_causal=causal, return_lse=lse)
-        result, reused = poisoned(
-            torch.empty(q.shape, dtype=dtype, device="cuda"), comfy_sage.sageattn, q, k, v, **call
-        )
-        out, out_lse = result if lse else (result, None)
-        assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
-        assert out.shape == q.shape and torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
-        assert_as_accurate_as_reference(out, out_lse, q, k, v, plan.mode, plan.kernel.tiling, layout, causal, where)
-        if causal and nq > nkv:  # rows that see no key
-            rows = out.transpose(1, 2) if layout == "NHD" else out
-            assert (rows[:, :, : nq - nkv] == 0).all(), where
+        check_call(q, k, v, plan, layout=layout, causal=causal, return_lse=lse, where=where)
