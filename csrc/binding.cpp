@@ -119,9 +119,8 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
                                                                  : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
   const int64_t output_bytes = dq.b * dq.h * dq.n * dq.d * 2;
   const int64_t lse_bytes = return_lse ? dq.b * dq.h * dq.n * 4 : 0;
-  // Contiguous, so that every output row starts 16-byte aligned (head_dim is a multiple of 8): the kernels'
-  // epilogue writes 16-byte vectors.
-  // The output first (tests hand it a block they poisoned), then the LSE.
+  // The output contiguous, so that every row starts 16-byte aligned (head_dim is a multiple of 8): the kernels'
+  // epilogue writes 16-byte vectors. It is allocated first (tests hand it a block they poisoned), then the LSE.
   const auto allocate_results = [&](int64_t call_bytes) {
     Tensor out = allocate(q, {out_sizes[0], out_sizes[1], out_sizes[2], out_sizes[3]}, dtype, call_bytes);
     Tensor lse = return_lse ? allocate(q, {dq.b, dq.h, dq.n}, ScalarType::Float, call_bytes)
