@@ -279,12 +279,95 @@ def check_out_of_memory_runs_pytorch_attention(family: str) -> None:
     PyTorch attention (which needs no copies: the same output as calling it, bit for bit) instead of failing, and
     so does the next call of those sizes, without trying; once the memory is free again, the kernel runs. In a
     fresh process, whose allocator holds no blocks from other tests that the copies could fit into."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    _run_in_fresh_process(_OUT_OF_MEMORY_SCRIPT, family, str(seed()))
+
+
+def _run_in_fresh_process(script: str, *args: str) -> None:
+    """Runs `script` in a new Python process (the repository and this folder importable); it must print "ok"."""
+    path = os.pathsep.join(filter(None, (str(ROOT), str(Path(__file__).parent), os.environ.get("PYTHONPATH"))))
     done = subprocess.run(
-        [sys.executable, "-c", _OUT_OF_MEMORY_SCRIPT, family, str(seed())],
-        capture_output=True, text=True, env=env, timeout=300,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": path},
     )  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# Cycles `torch.cuda._sleep` spins before a stream writes a call's inputs (~30 ms): far longer than the host takes
+# to issue the call, so a launch on any other stream would run first and read the NaN the inputs held.
+_SLEEP_CYCLES = 50_000_000
+
+
+def _written_late(sources, device: torch.device):
+    """NaN-filled tensors like `sources`, which the current stream of `device` overwrites with them after a sleep;
+    the host returns at once."""
+    late = [torch.full_like(t, math.nan) for t in sources]
+    with torch.cuda.device(device):
+        torch.cuda._sleep(_SLEEP_CYCLES)
+        for dst, src in zip(late, sources, strict=True):
+            dst.copy_(src)
+    return late
+
+
+def check_runs_on_the_current_stream(family: str, modes) -> None:
+    """A call on a side stream whose inputs that stream writes only after a long sleep gives the output of the
+    inputs written, bit for bit: the memset, the quantization and the attention launches all go to the caller's
+    current stream, behind its earlier work."""
+    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=700, nkv=900, d=128, dtype=torch.bfloat16, layout="HND")
+    for mode in modes:
+        assert dispatch.plan(mode, q.device, 128, q.dtype, False).kernel.family == family
+        expected = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            late = _written_late((q, k, v), q.device)
+            out = comfy_sage.sageattn(*late, mode=mode, return_lse=True)
+        side.synchronize()
+        for got, want in zip(out, expected, strict=True):
+            assert torch.equal(got, want), f"{mode}: the call did not wait for its stream's earlier work"
+
+
+_OTHER_DEVICE_SCRIPT = """
+import math, sys, torch, comfy_sage
+from comfy_sage import dispatch
+from comfy_sage.modes import Mode
+from kernel_checks import _written_late, assert_as_accurate_as_reference, inputs
+family, seed, modes = sys.argv[1], int(sys.argv[2]), [Mode(m) for m in sys.argv[3].split(",")]
+torch.cuda.set_device(0)
+first, second = torch.device("cuda:0"), torch.device("cuda:1")
+props = [torch.cuda.get_device_properties(i) for i in (0, 1)]
+same_gpu = len({(p.name, p.multi_processor_count) for p in props}) == 1
+with dispatch.prefer_family(family):
+    # 12 query heads of 1,000 tokens over 1,500 keys: a short last wave on an H100 (split tiles on sm_90).
+    q, k, v = inputs(seed, heads_q=12, heads_kv=4, nq=1000, nkv=1500, d=128, dtype=torch.bfloat16, layout="NHD")
+    there = [t.to(second) for t in (q, k, v)]
+    torch.cuda.synchronize(second)
+    for mode in modes:
+        plan = dispatch.plan(mode, second, 128, torch.bfloat16, False)
+        assert not plan.fallback and plan.kernel.family == family, plan
+        call = dict(mode=mode, tensor_layout="NHD", return_lse=True)
+        # The process's first call of each kernel on the second GPU, the first GPU current.
+        out, lse = comfy_sage.sageattn(*_written_late(there, second), **call)
+        assert torch.cuda.current_device() == 0, "the call changed the current device"
+        assert out.device == second and lse.device == second, (out.device, lse.device)
+        here_out, here_lse = comfy_sage.sageattn(q, k, v, **call)
+        if same_gpu:  # the kernels are deterministic: the same GPU model gives the same bits
+            assert torch.equal(out.cpu(), here_out.cpu()) and torch.equal(lse.cpu(), here_lse.cpu()), mode
+        assert torch.isfinite(out).all(), mode
+        assert_as_accurate_as_reference(out, lse, *there, plan.mode, plan.kernel.tiling, "NHD", False, str(mode))
+print("ok")
+"""
+
+
+def check_second_gpu(family: str, modes) -> None:
+    """Inputs on the second GPU while the first is current (a model placed on another card): every launch goes to
+    that GPU and its current stream, the kernels' per-device set-up runs there on first use (a fresh process),
+    the current device is left as it was, and the output is the same bit for bit as on the first GPU (the same
+    model) and as accurate as the reference."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA GPUs; {torch.cuda.device_count()} here")
+    if torch.cuda.get_device_capability(1) != torch.cuda.get_device_capability(0):
+        pytest.skip("the two GPUs differ in compute capability")
+    _run_in_fresh_process(_OTHER_DEVICE_SCRIPT, family, str(seed()), ",".join(m.value for m in modes))
 
 
 _EDGE_LENGTHS = (1, 2, 7, 16, 63, 64, 65, 77, 127, 128, 129, 191, 192, 193, 255, 256, 257, 383, 385, 511, 513, 1000)

@@ -19,6 +19,8 @@ from kernel_checks import (
     check_out_of_memory_runs_pytorch_attention,
     check_past_2_31_elements,
     check_random_calls,
+    check_runs_on_the_current_stream,
+    check_second_gpu,
     inputs,
     poisoned,
     seed,
@@ -139,14 +141,11 @@ def test_compile_fullgraph():
 
 
 def test_runs_on_the_current_stream():
-    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=512, nkv=512, d=128, dtype=torch.bfloat16, layout="HND")
-    expected = comfy_sage.sageattn(q, k, v)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = comfy_sage.sageattn(q, k, v)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    check_runs_on_the_current_stream("sm80", MODES)
+
+
+def test_second_gpu():
+    check_second_gpu("sm80", MODES)
 
 
 def test_cuda_graph_capture():

@@ -20,6 +20,8 @@ from kernel_checks import (
     check_out_of_memory_runs_pytorch_attention,
     check_past_2_31_elements,
     check_random_calls,
+    check_runs_on_the_current_stream,
+    check_second_gpu,
     inputs,
     poisoned,
     seed,
@@ -229,6 +231,14 @@ def test_opcheck():
 
 def test_compile_fullgraph():
     check_compile_fullgraph()
+
+
+def test_runs_on_the_current_stream():
+    check_runs_on_the_current_stream("sm90", MODES)
+
+
+def test_second_gpu():
+    check_second_gpu("sm90", MODES)
 
 
 def test_cuda_graph_capture_and_side_stream():
