@@ -106,14 +106,21 @@ def check_mask(attn_mask: object, problem: Problem, is_causal: bool, device: tor
         )
 
 
-def check_sm_scale(sm_scale: object, head_dim: int) -> float:
+def check_sm_scale(sm_scale: object, head_dim: int, name: str = "sm_scale") -> float:
     if sm_scale is None:
         return head_dim**-0.5
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
-        raise TypeError(f"sm_scale must be a float or None; got {type(sm_scale).__name__}")
+        raise TypeError(f"{name} must be a float or None; got {type(sm_scale).__name__}")
     if not float(sm_scale) > 0 or sm_scale == float("inf"):
-        raise ValueError(f"sm_scale must be a positive finite number; got {sm_scale!r}")
+        raise ValueError(f"{name} must be a positive finite number; got {sm_scale!r}")
     return float(sm_scale)
+
+
+def check_dropout(dropout_p: object) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float; got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be between 0 and 1; got {dropout_p!r}")
 
 
 def to_hnd(x: torch.Tensor, layout: str) -> torch.Tensor:

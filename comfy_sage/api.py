@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import dispatch, fallback, ops
-from ._inputs import Problem, check_layout, check_mask, check_sm_scale, from_hnd, qkv_sizes, to_hnd
+from ._inputs import Problem, check_dropout, check_layout, check_mask, check_sm_scale, from_hnd, qkv_sizes, to_hnd
 from ._log import log_once
 from .modes import Mode
 
@@ -18,40 +20,54 @@ OUT_OF_MEMORY_REASON = (
 NEEDS_GRAD_REASON = (
     "the kernels have no backward pass: calls whose inputs require gradients (with grad mode on) run PyTorch attention"
 )
+# Logged once, at WARNING, the first time a call asks for dropout.
+DROPOUT_REASON = "the kernels have no dropout: calls with dropout_p > 0 run PyTorch attention"
 # Kernel calls that found the GPU out of memory, by their sizes and kernel: the bytes they need. Until that much is
 # free again, calls of those sizes go straight to PyTorch attention (a failed try costs a stack trace on stderr
 # from some torch versions' stable ABI, and the time to fail).
 _short_of_memory: dict[tuple, int] = {}
 _SHORT_OF_MEMORY_ENTRIES = 256
+# dropout_p's default: SDPA's 0.0, as an int, since torch.compile traces a function that reads a float default
+# twice. The common call is then one identity check.
+_NO_DROPOUT = 0
 
 
 def sageattn(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    *,
-    tensor_layout: str = "HND",
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = _NO_DROPOUT,
     is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    tensor_layout: str = "HND",
     sm_scale: float | None = None,
     mode: Mode | str = "auto",
-    attn_mask: torch.Tensor | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention with SageAttention2's low-bit kernels where the GPU runs them, PyTorch attention elsewhere.
 
-    q: [B, H_q, N_q, D] (tensor_layout "HND") or [B, N_q, H_q, D] ("NHD"); k, v: the same with H_kv heads
-    and N_kv tokens. H_q must be a multiple of H_kv (grouped-query attention). float16, bfloat16 or float32
-    (float32 is computed in bfloat16 and returned in float32).
-    is_causal: causal mask aligned bottom-right when N_q ≠ N_kv; rows that see no key give 0.
-    sm_scale: softmax scale, default 1/sqrt(D).
+    The arguments up to `enable_gqa` are `torch.nn.functional.scaled_dot_product_attention`'s (the first six by
+    position or by name, as there), so `sageattn` stands in for it wherever it is called:
+    q: [B, H_q, N_q, D] (tensor_layout "HND", SDPA's; [H_q, N_q, D] and more leading batch dimensions work too)
+        or [B, N_q, H_q, D] ("NHD"); k, v: the same with H_kv heads and N_kv tokens. H_q must be a multiple of
+        H_kv (grouped-query attention, whatever `enable_gqa` says). float16, bfloat16 or float32 (float32 is
+        computed in bfloat16 and returned in float32).
+    attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]; runs PyTorch attention.
+    dropout_p: dropout on the attention weights, as SDPA applies it (in training and in eval alike); above 0 the
+        call runs PyTorch attention, since the kernels have none.
+    is_causal: causal mask aligned bottom-right when N_q ≠ N_kv (SDPA aligns it top-left; the same when
+        N_q = N_kv); rows that see no key give 0.
+    scale (or sm_scale, the same; give one): softmax scale, default 1/sqrt(D).
     mode: "auto" (the fastest accurate mode for this GPU; on Hopper PyTorch attention where that is faster:
         fewer than 4,096 query or key tokens, 8,192 causal, or head dims above 128), "int8_fp8", "int4_fp8",
         "int8_fp16", "int4_fp16", "int8_int8" (INT8 Q·Kᵀ and INT8 P·V with exact integer sums: more accurate than
         "int8_fp8", native on every GPU the kernels support), or "sdpa" (PyTorch attention); a `Mode` works too.
-    attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]; runs PyTorch attention.
     return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
 
-    A call no kernel can run (no CUDA GPU, an older GPU, a mask, a head dim outside 32..256, kernels not
+    A call no kernel can run (no CUDA GPU, an older GPU, a mask, dropout, a head dim outside 32..256, kernels not
     installed, inputs that require gradients: the kernels have no backward pass) runs PyTorch attention and logs
     the reason once to the "comfy_sage" logger (a call that "auto" leaves to PyTorch attention for speed: once,
     at INFO).
@@ -60,25 +76,89 @@ def sageattn(
     # in the fallback), and the loop that names a flag that is not a bool runs only when one is not.
     mode = Mode.parse(mode)
     layout = check_layout(tensor_layout)
-    sizes = qkv_sizes(q, k, v, layout)
-    if not (isinstance(is_causal, bool) and isinstance(return_lse, bool)):
-        for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
+    try:
+        sizes = qkv_sizes(q, k, v, layout)
+    except ValueError:
+        if not (layout == "HND" and isinstance(q, torch.Tensor) and q.dim() != 4):
+            raise
+        # SDPA's [heads, tokens, head_dim] or more leading batch dimensions: found here, off the common path.
+        return _with_batch_dims_flattened(
+            q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa, sm_scale=sm_scale,
+            mode=mode, return_lse=return_lse,
+        )  # fmt: skip
+    if not (isinstance(is_causal, bool) and isinstance(return_lse, bool) and isinstance(enable_gqa, bool)):
+        for name, flag in (("is_causal", is_causal), ("return_lse", return_lse), ("enable_gqa", enable_gqa)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    if dropout_p is not _NO_DROPOUT and (dropout_p != 0 or dropout_p.__class__ not in (int, float)):
+        check_dropout(dropout_p)
     if attn_mask is not None:
         check_mask(attn_mask, Problem(*sizes, layout), is_causal, q.device)
-    scale = check_sm_scale(sm_scale, sizes[-1])
+    if scale is not None:
+        if sm_scale is not None:
+            raise TypeError("give the softmax scale as scale or as sm_scale, not both")
+        scale = check_sm_scale(scale, sizes[-1], name="scale")
+    else:
+        scale = check_sm_scale(sm_scale, sizes[-1])
 
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        # The kernels have no backward pass: PyTorch's attention, which has one (traced as it is under compile).
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad or dropout_p:
+        # The kernels have no backward pass and no dropout: PyTorch's attention, which has both (traced as it is
+        # under compile).
         if mode is not Mode.SDPA and not torch.compiler.is_compiling():
-            log_once(NEEDS_GRAD_REASON)
-        out, lse = _pytorch_attention(q, k, v, layout, sizes, is_causal, scale, attn_mask, return_lse)
+            log_once(NEEDS_GRAD_REASON if needs_grad else DROPOUT_REASON)
+        out, lse = _pytorch_attention(q, k, v, layout, sizes, is_causal, scale, attn_mask, return_lse, dropout_p)
     elif torch.compiler.is_compiling():  # one opaque op for torch.compile: no graph break, no tracing into dispatch
         out, lse = torch.ops.comfy_sage.sageattn(q, k, v, layout, is_causal, scale, mode.value, attn_mask, return_lse)
     else:
         out, lse = _run(q, k, v, layout, sizes, is_causal, scale, mode, attn_mask, return_lse)
     return (out, lse) if return_lse else out
+
+
+def _with_batch_dims_flattened(q, k, v, attn_mask, *args, return_lse: bool, **kwargs):
+    """`sageattn` on HND inputs of 3 or more than 4 dimensions, as SDPA takes them ([..., heads, tokens,
+    head_dim]): their leading dimensions as one batch dimension (none: a batch of 1), the results shaped back."""
+    tensors = (("q", q), ("k", k), ("v", v))
+    for name, t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if q.dim() < 3:
+        raise ValueError(
+            "q must be [batch, heads, tokens, head_dim] for tensor_layout='HND' (or [heads, tokens, head_dim], or "
+            f"with more leading batch dimensions); got shape {tuple(q.shape)}"
+        )
+    if not q.dim() == k.dim() == v.dim():
+        raise ValueError(
+            "q, k and v must have the same number of dimensions; got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    lead = q.shape[:-3]
+    if k.shape[:-3] != lead or v.shape[:-3] != lead:
+        raise ValueError(
+            "q, k and v must have the same leading (batch) dimensions; got "
+            f"{tuple(lead)}, {tuple(k.shape[:-3])}, {tuple(v.shape[:-3])}"
+        )
+    batch = math.prod(lead)
+    flat = [t.reshape(batch, *t.shape[-3:]) for _, t in tensors]
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.dim() > 3:
+        if attn_mask.dim() > q.dim():
+            raise ValueError(
+                f"attn_mask must broadcast to [..., heads, N_q, N_kv] with q's {q.dim() - 3} leading dimensions; "
+                f"got shape {tuple(attn_mask.shape)}"
+            )
+        mask = attn_mask[(None,) * (q.dim() - attn_mask.dim())]
+        try:
+            mask = mask.expand(*lead, *mask.shape[-3:])
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask's leading dimensions {tuple(attn_mask.shape[:-3])} must broadcast to q's {tuple(lead)}"
+            ) from None
+        attn_mask = mask.reshape(batch, *mask.shape[-3:])
+    result = sageattn(*flat, attn_mask, *args, return_lse=return_lse, **kwargs)
+    if not return_lse:
+        return result.reshape(q.shape)
+    out, lse = result
+    return out.reshape(q.shape), lse.reshape(*lead, *lse.shape[1:])
 
 
 def plan_for(
@@ -130,12 +210,14 @@ def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode,
     return _pytorch_attention(q, k, v, layout, sizes, is_causal, scale, attn_mask, return_lse)
 
 
-def _pytorch_attention(q, k, v, layout: str, sizes, is_causal: bool, scale: float, attn_mask, return_lse: bool):
+def _pytorch_attention(
+    q, k, v, layout: str, sizes, is_causal: bool, scale: float, attn_mask, return_lse: bool, dropout_p: float = 0.0
+):
     """PyTorch's attention on one validated call: (out in the caller's layout, LSE or None)."""
     qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
     out, lse = fallback.attention(
         qh, kh, vh, Problem(*sizes, layout), is_causal=is_causal, scale=scale, attn_mask=attn_mask,
-        return_lse=return_lse,
+        return_lse=return_lse, dropout_p=dropout_p,
     )  # fmt: skip
     # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
     return from_hnd(out, layout).contiguous(), lse

@@ -12,11 +12,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ._inputs import Problem, causal_visible
 
 _LSE_CHUNK_ELEMENTS = 1 << 24
+# PyTorch's own function (what `F.scaled_dot_product_attention` is), not the module attribute looked up at call
+# time: a program that replaces `F.scaled_dot_product_attention` with `sageattn` would otherwise send every call
+# that falls back here into `sageattn` again, without end.
+_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 def attention(
@@ -29,8 +32,10 @@ def attention(
     scale: float,
     attn_mask: torch.Tensor | None,
     return_lse: bool,
+    dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """O [B, H_q, N_q, D] (HND views in, HND out) and, with `return_lse`, the LSE [B, H_q, N_q] float32."""
+    """O [B, H_q, N_q, D] (HND views in, HND out) and, with `return_lse`, the LSE [B, H_q, N_q] float32 (of the
+    logits: without the dropout that `dropout_p` applies to the weights, as SDPA does)."""
     nq, nkv = problem.seq_q, problem.seq_kv
     # A branch, not the comparison itself: under torch.compile's dynamic shapes that would be a SymBool, which
     # SDPA's enable_gqa rejects; the branch makes the trace guard on it instead.
@@ -51,20 +56,16 @@ def attention(
     if hidden:
         out = q.new_zeros(q.shape)
         if hidden < nq:
-            out[:, :, hidden:] = F.scaled_dot_product_attention(
-                q[:, :, hidden:], k, v, is_causal=True, scale=scale, enable_gqa=gqa
+            out[:, :, hidden:] = _sdpa(
+                q[:, :, hidden:], k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
             )
     elif is_causal and nq != nkv:
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo, which doubles `import comfy_sage`.
         from torch.nn.attention.bias import causal_lower_right
 
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=causal_lower_right(nq, nkv), scale=scale, enable_gqa=gqa
-        )
+        out = _sdpa(q, k, v, attn_mask=causal_lower_right(nq, nkv), dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
-        )
+        out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     if attn_mask is not None:
         # PyTorch's CUDA backends give a row whose keys are all masked a finite non-zero value (seen on an
         # H100 with torch 2.11, bool masks); our convention is 0. Out of place: SDPA's backward needs its

@@ -97,11 +97,79 @@ def test_return_values(gen):
 
 
 def test_drop_in_for_sdpa(gen):
-    # The HND call of an SDPA user gives SDPA's answer.
+    # The HND call of an SDPA user gives SDPA's answer, with SDPA's arguments by position or by name.
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     q, k, v = small(gen)
+    mask = torch.rand(1, 1, 24, 24, generator=gen) > 0.3
     for causal in (False, True):
-        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        expected = sdpa(q, k, v, is_causal=causal)
         torch.testing.assert_close(sageattn(q, k, v, is_causal=causal), expected, atol=0, rtol=0)
+        args = (q, k, v, None, 0.0, causal)  # SDPA's positional arguments
+        torch.testing.assert_close(sageattn(*args, scale=0.3), sdpa(*args, scale=0.3), atol=0, rtol=0)
+    torch.testing.assert_close(sageattn(q, k, v, mask), sdpa(q, k, v, mask), atol=0, rtol=0)
+    kw = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=0.2, enable_gqa=True)
+    torch.testing.assert_close(sageattn(q, k[:, :1], v[:, :1], **kw), sdpa(q, k[:, :1], v[:, :1], **kw))
+    assert torch.equal(sageattn(q, k, v, scale=0.2), sageattn(q, k, v, sm_scale=0.2))
+
+
+def test_leading_dimensions_as_sdpa_takes_them(gen):
+    # [heads, tokens, head_dim] and more than one leading batch dimension, as SDPA takes them: each the 4-D call
+    # on the same values, shaped back; the mask and the LSE follow.
+    q, k, v = make_qkv(6, 2, 24, 64, heads_kv=1, seq_kv=30, generator=gen)
+    mask = torch.rand(3, 1, 1, 24, 30, generator=gen) > 0.3
+    out, lse = sageattn(q, k, v, mask.reshape(3, 1, 24, 30).repeat_interleave(2, 0), return_lse=True)
+    five = sageattn(*(t.reshape(3, 2, *t.shape[1:]) for t in (q, k, v)), mask, return_lse=True)
+    assert five[0].shape == (3, 2, 2, 24, 64) and five[1].shape == (3, 2, 2, 24)
+    assert torch.equal(five[0], out.reshape(3, 2, 2, 24, 64)) and torch.equal(five[1], lse.reshape(3, 2, 2, 24))
+    three = sageattn(q[0], k[0], v[0], is_causal=True)
+    assert three.shape == (2, 24, 64)
+    assert torch.equal(three, sageattn(q[:1], k[:1], v[:1], is_causal=True)[0])
+    empty = sageattn(*(t.reshape(1, 6, *t.shape[1:])[:0] for t in (q, k, v)))
+    assert empty.shape == (0, 6, 2, 24, 64)
+
+
+def test_stands_in_for_sdpa_inside_torch(gen, fresh_state, monkeypatch):
+    # A program that replaces F.scaled_dot_product_attention with sageattn: torch's own callers (here
+    # nn.MultiheadAttention, which passes its arguments by position) get the same answer, and a call that falls
+    # back to PyTorch attention reaches PyTorch's function, not sageattn again.
+    mha = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x, mem = torch.randn(2, 24, 64, generator=gen), torch.randn(2, 30, 64, generator=gen)
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(len(args))
+        return sageattn(*args, **kwargs)
+
+    with torch.no_grad():
+        expected, _ = mha(x, mem, mem, need_weights=False)  # cross attention: not MHA's fused fast path
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded)
+        got, _ = mha(x, mem, mem, need_weights=False)
+    assert calls == [6]  # q, k, v, attn_mask, dropout_p, is_causal
+    torch.testing.assert_close(got, expected)
+
+
+def test_dropout_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch, kernel_plan):
+    # The kernels have no dropout: a call with dropout_p > 0 runs PyTorch attention with it (the same draws as
+    # calling SDPA under the same seed) and says why once; dropout_p = 0 runs the kernel.
+    caplog.set_level(logging.INFO, logger="comfy_sage")
+    ran = []
+
+    def attention(q, *args, **kwargs):
+        ran.append(q.shape)
+        return torch.zeros_like(q), None
+
+    monkeypatch.setattr(ops, "attention", attention)
+    q, k, v = small(gen)
+    for _ in range(3):
+        torch.manual_seed(7)
+        got = sageattn(q, k, v, dropout_p=0.5, mode="int8_int8")
+        torch.manual_seed(7)
+        assert torch.equal(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+    assert not torch.equal(got, pytorch_attention(q, k, v)[0])
+    assert not ran
+    sageattn(q, k, v, None, 0.0, mode="int8_int8")
+    assert len(ran) == 1
+    assert reasons(caplog) == [api.DROPOUT_REASON]
 
 
 # --- logging each reason once ---------------------------------------------------------------------------

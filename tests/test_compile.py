@@ -33,6 +33,22 @@ def test_compile_fullgraph_matches_eager(layout, return_lse):
     assert got.shape == q.shape and got.is_contiguous()
 
 
+def test_compile_dynamic_shapes_matches_eager():
+    """Dynamic shapes (a compiled model run at several resolutions): one graph serves every length."""
+
+    def fn(q, k, v):
+        return comfy_sage.sageattn(q, k, v, mode="int8_fp8")
+
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend=counter)
+    for n in (48, 77, 130):
+        q, k, v = _qkv(n=n)
+        torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), atol=0, rtol=0)
+    assert counter.frame_count == 1
+
+
 def test_opcheck_sageattn_op():
     q, k, v = _qkv()
     mask = torch.rand(2, 1, 48, 48) > 0.2

@@ -41,10 +41,59 @@ def test_non_tensor(name):
 @pytest.mark.parametrize("rank", [3, 5])
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_wrong_rank(name, rank, layout):
+    """One tensor of another rank than the others. In HND, SDPA's layout, q of 3 or more dimensions is taken
+    (as SDPA takes it), so the error there names all three shapes."""
     args = dict(zip("qkv", qkv(layout=layout), strict=True))
     args[name] = args[name].flatten(0, 1) if rank == 3 else args[name][None]
-    with pytest.raises(ValueError, match=rf"^{name} must be 4-D .*tensor_layout='{layout}'"):
+    if layout == "HND" and name == "q":
+        match = r"^q, k and v must have the same number of dimensions; got shapes \("
+    else:
+        match = rf"^{name} must be 4-D .*tensor_layout='{layout}'"
+    with pytest.raises(ValueError, match=match):
         sageattn(args["q"], args["k"], args["v"], tensor_layout=layout)
+
+
+@pytest.mark.parametrize("shape", [(64,), (16, 64)])
+def test_too_few_dimensions(shape):
+    q = torch.zeros(shape)
+    with pytest.raises(ValueError, match=r"^q must be \[batch, heads, tokens, head_dim\] for tensor_layout='HND'"):
+        sageattn(q, q, q)
+    with pytest.raises(ValueError, match=r"^q must be 4-D .*tensor_layout='NHD'"):
+        sageattn(q, q, q, tensor_layout="NHD")
+
+
+def test_leading_dimensions_differ():
+    q = torch.zeros(2, 3, 4, 16, 64)
+    with pytest.raises(ValueError, match=r"^q, k and v must have the same leading \(batch\) dimensions"):
+        sageattn(q, q[:, :2], q)
+    with pytest.raises(ValueError, match=r"^attn_mask's leading dimensions \(3, 1\) must broadcast to q's \(2, 3\)"):
+        sageattn(q, q, q, attn_mask=torch.ones(3, 1, 1, 16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^attn_mask must broadcast to \[\.\.\., heads, N_q, N_kv\]"):
+        sageattn(q, q, q, attn_mask=torch.ones(1, 2, 3, 4, 16, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("value", ["0.1", None, True, torch.tensor(0.1)])
+def test_dropout_p_type(value):
+    with pytest.raises(TypeError, match=r"^dropout_p must be a float"):
+        sageattn(*qkv(), dropout_p=value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.nan])
+def test_dropout_p_range(value):
+    with pytest.raises(ValueError, match=r"^dropout_p must be between 0 and 1"):
+        sageattn(*qkv(), dropout_p=value)
+
+
+def test_enable_gqa_type():
+    with pytest.raises(TypeError, match=r"^enable_gqa must be a bool; got str"):
+        sageattn(*qkv(), enable_gqa="yes")
+
+
+def test_scale_and_sm_scale_together():
+    with pytest.raises(TypeError, match=r"^give the softmax scale as scale or as sm_scale, not both"):
+        sageattn(*qkv(), scale=0.1, sm_scale=0.1)
+    with pytest.raises(ValueError, match=r"^scale must be a positive finite number"):
+        sageattn(*qkv(), scale=-1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool, torch.float64])

@@ -122,12 +122,56 @@ def check_opcheck(family: str) -> None:
             torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
 
 
-def check_compile_fullgraph() -> None:
-    """`torch.compile(fullgraph=True)` of a function calling `sageattn` gives eager's output bit for bit (in the
-    kernel family the caller's `dispatch.prefer_family` selects)."""
-    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=256, nkv=256, d=128, dtype=torch.bfloat16, layout="HND")
-    compiled = torch.compile(lambda q, k, v: comfy_sage.sageattn(q, k, v, mode="int8_fp8"), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), comfy_sage.sageattn(q, k, v, mode="int8_fp8"), atol=0, rtol=0)
+def check_compile() -> None:
+    """torch.compile of a function calling `sageattn`, as compile nodes use it, bit for bit as eager (in the kernel
+    family the caller's `dispatch.prefer_family` selects): `fullgraph=True`; dynamic shapes over three sequence
+    lengths; and mode "reduce-overhead", whose CUDA graphs replay the op on new inputs copied into their buffers."""
+
+    # The kernel family is chosen when the op runs, so a CUDA graph that "reduce-overhead" recorded in the other
+    # family's test (the same function code) would replay that family's kernels: start from nothing.
+    torch._dynamo.reset()
+
+    def fn(q, k, v):
+        return comfy_sage.sageattn(q, k, v, mode="int8_fp8")
+
+    def qkv(n):
+        return inputs(seed(), heads_q=2, heads_kv=2, nq=n, nkv=n, d=128, dtype=torch.bfloat16, layout="HND")
+
+    q, k, v = qkv(256)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(q, k, v), fn(q, k, v), atol=0, rtol=0)
+    dynamic = torch.compile(fn, fullgraph=True, dynamic=True)
+    for n in (300, 1000, 4097):
+        q, k, v = qkv(n)
+        torch.testing.assert_close(dynamic(q, k, v), fn(q, k, v), atol=0, rtol=0, msg=f"dynamic, N={n}")
+    graphs = torch.compile(fn, mode="reduce-overhead")
+    for call in range(4):  # warm-up, recording, then replays
+        q, k, v = qkv(700)
+        got = graphs(q, k, v).clone()  # a replay's output is overwritten by the next
+        torch.testing.assert_close(got, fn(q, k, v), atol=0, rtol=0, msg=f"reduce-overhead, call {call}")
+
+
+def check_sdpa_calling_conventions(family: str, mode: Mode) -> None:
+    """SDPA's ways of calling, on the kernel: its positional arguments and `scale`/`enable_gqa`, [heads, tokens,
+    head_dim] inputs and more than one leading batch dimension each give the 4-D call's output bit for bit; a call
+    with dropout gives PyTorch attention's with the same draws."""
+    q, k, v = inputs(seed(), heads_q=8, heads_kv=2, nq=700, nkv=900, d=128, dtype=torch.bfloat16, layout="HND", batch=4)
+    assert dispatch.plan(mode, q.device, 128, q.dtype, False).kernel.family == family
+    out, lse = comfy_sage.sageattn(q, k, v, mode=mode, return_lse=True)
+    sdpa_style = comfy_sage.sageattn(q, k, v, None, 0.0, False, scale=128**-0.5, enable_gqa=True, mode=mode)
+    assert torch.equal(sdpa_style, out)
+    five_out, five_lse = comfy_sage.sageattn(
+        *(t.view(2, 2, *t.shape[1:]) for t in (q, k, v)), mode=mode, return_lse=True
+    )
+    assert torch.equal(five_out, out.view(2, 2, 8, 700, 128)) and torch.equal(five_lse, lse.view(2, 2, 8, 700))
+    # A batch entry alone: on sm_90 the split of a short last wave depends on the whole call, so compare with the
+    # 4-D call of that entry alone.
+    alone = comfy_sage.sageattn(q[3:4], k[3:4], v[3:4], mode=mode)
+    assert torch.equal(comfy_sage.sageattn(q[3], k[3], v[3], mode=mode), alone[0])
+    torch.manual_seed(11)
+    dropped = comfy_sage.sageattn(q, k, v, None, 0.25, mode=mode)
+    torch.manual_seed(11)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.25, enable_gqa=True)
+    assert torch.equal(dropped, expected)
 
 
 def check_int8_pv_long_rows(family: str) -> None:

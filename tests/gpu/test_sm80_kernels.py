@@ -11,7 +11,7 @@ from kernel_checks import (
     assert_as_accurate_as_reference,
     check,
     check_beyond_grid_limits,
-    check_compile_fullgraph,
+    check_compile,
     check_deterministic,
     check_empty_inputs,
     check_int8_pv_long_rows,
@@ -20,6 +20,7 @@ from kernel_checks import (
     check_past_2_31_elements,
     check_random_calls,
     check_runs_on_the_current_stream,
+    check_sdpa_calling_conventions,
     check_second_gpu,
     inputs,
     poisoned,
@@ -136,12 +137,16 @@ def test_opcheck():
     check_opcheck("sm80")
 
 
-def test_compile_fullgraph():
-    check_compile_fullgraph()
+def test_compile():
+    check_compile()
 
 
 def test_runs_on_the_current_stream():
     check_runs_on_the_current_stream("sm80", MODES)
+
+
+def test_sdpa_calling_conventions():
+    check_sdpa_calling_conventions("sm80", Mode.INT8_FP16)
 
 
 def test_second_gpu():
