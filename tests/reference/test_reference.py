@@ -507,10 +507,12 @@ def test_k_offset_is_invisible(mode: str) -> None:
     drift = reference.relative_l1(out_c, out)
     error = reference.relative_l1(out, truth)
     assert drift < 0.1 * error, f"{what}: offset changes the output by {drift:.2e}, its error is {error:.2e}"
-    # Without K smoothing the offset costs the K scales their precision. Measured (8 seeds), rel L1 without /
-    # with: INT8+FP8 1.5-1.8, others 2.0-3.0.
+    # Without K smoothing the offset costs the K scales their precision. Measured over 300 seeds, rel L1 without /
+    # with, smallest and median: INT8+FP8 1.28 / 1.64, INT8+INT8 1.55 / 2.06, the other modes 1.80-1.86 / 2.31-2.57
+    # (a bound of 1.6 for INT8+INT8 had failed about one run in a hundred).
     raw = reference.accuracy(reference.sageattn(q, k_c, v, mode=mode, smooth_k=False), truth)
-    assert raw["rel_l1"] > (1.25 if mode == "int8_fp8" else 1.6) * error, f"{what}: without K smoothing {raw}"
+    bound = {"int8_fp8": 1.1, "int8_int8": 1.3}.get(mode, 1.4)
+    assert raw["rel_l1"] > bound * error, f"{what}: without K smoothing {raw}"
 
 
 # --- arguments ---------------------------------------------------------------------------------------------------
