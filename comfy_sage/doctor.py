@@ -48,7 +48,29 @@ def summary(device: torch.device | str | None = None) -> dict:
         short = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False, 1024, seq_q=1024)
         auto[str(head_dim)] = describe(long) + ("" if short == long else f"; 1,024 tokens: {describe(short)}")
     info["auto"] = auto
+    info["other_gpus"] = other_gpus(device)
     return info
+
+
+def other_gpus(device: torch.device) -> list[dict]:
+    """The CUDA GPUs besides `device` (all of them for a CPU device): name, compute capability and whether the
+    kernels run there. A model placed on one of them runs there (`doctor --device cuda:N` shows its modes)."""
+    if not torch.cuda.is_available():
+        return []
+    here = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else -1
+    found = []
+    for index in range(torch.cuda.device_count()):
+        if index == here:
+            continue
+        gpu = torch.device("cuda", index)
+        cc = capability.device_capability(gpu)
+        found.append({
+            "device": str(gpu),
+            "gpu": torch.cuda.get_device_name(gpu),
+            "compute_capability": f"{cc[0]}.{cc[1]}",
+            "kernels_run_here": capability.kernel_status().loaded and capability.kernels_run_on(gpu),
+        })  # fmt: skip
+    return found
 
 
 KERNEL_NAMES = {"sm80": "mma.sync kernel", "sm90": "wgmma kernel"}
@@ -80,4 +102,11 @@ def render(info: dict) -> str:
     lines += [f"  {mode:<10} {what}" for mode, what in info["modes"].items()]
     lines.append("mode 'auto' picks, by head dim (bf16, no mask):")
     lines += [f"  D={head_dim:<4} {what}" for head_dim, what in info["auto"].items()]
+    if info.get("other_gpus"):
+        lines.append("other GPUs (`doctor --device cuda:N` shows one's modes):")
+        lines += [
+            f"  {gpu['device']:<7} {gpu['gpu']}  compute capability {gpu['compute_capability']}: "
+            + ("the kernels run there" if gpu["kernels_run_here"] else "PyTorch attention there")
+            for gpu in info["other_gpus"]
+        ]
     return "\n".join(lines)

@@ -251,3 +251,35 @@ def test_doctor_names_the_kernel_family(monkeypatch):
     assert doctor.describe(wide) == "int8_int8 (mma.sync kernel)"
     assert doctor.describe(routed).startswith("sdpa (mode 'auto' runs PyTorch attention on sm_90 for head dims above")
     assert doctor.describe(cpu).startswith("sdpa (")
+
+
+def test_doctor_lists_the_other_gpus(fresh_state, monkeypatch):
+    """A machine with several GPUs (a model can be placed on any of them): doctor reports the one asked about and
+    names the others, with what runs on each."""
+    gpus = {0: ("NVIDIA GeForce RTX 4090", (8, 9)), 1: ("NVIDIA GeForce RTX 3090", (8, 6)), 2: ("Tesla V100", (7, 0))}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: gpus[torch.device(device).index][0])
+    monkeypatch.setattr(capability, "compute_capability", lambda index: gpus[index][1])
+    monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_80", "sm_89")))
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": gpus[device.index][1] >= (8, 0))
+    assert doctor.other_gpus(torch.device("cuda")) == [
+        {"device": "cuda:1", "gpu": "NVIDIA GeForce RTX 3090", "compute_capability": "8.6", "kernels_run_here": True},
+        {"device": "cuda:2", "gpu": "Tesla V100", "compute_capability": "7.0", "kernels_run_here": False},
+    ]
+    assert [g["device"] for g in doctor.other_gpus(torch.device("cuda", 2))] == ["cuda:0", "cuda:1"]
+    assert [g["device"] for g in doctor.other_gpus(torch.device("cpu"))] == ["cuda:0", "cuda:1", "cuda:2"]
+    text = doctor.render({**doctor.summary("cpu"), "other_gpus": doctor.other_gpus(torch.device("cuda"))})
+    assert text.endswith(
+        "other GPUs (`doctor --device cuda:N` shows one's modes):\n"
+        "  cuda:1  NVIDIA GeForce RTX 3090  compute capability 8.6: the kernels run there\n"
+        "  cuda:2  Tesla V100  compute capability 7.0: PyTorch attention there"
+    )
+
+
+def test_doctor_without_other_gpus_says_nothing_of_them():
+    info = doctor.summary("cpu")
+    if not torch.cuda.is_available():
+        assert info["other_gpus"] == []
+    assert ("other GPUs" in doctor.render(info)) == bool(info["other_gpus"])
