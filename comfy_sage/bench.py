@@ -213,7 +213,7 @@ def run(
     gpu = torch.cuda.get_device_name()
     print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}, {timing} calls")
     width = max(14, *(len(name) + 2 for name in impls))
-    header = f"{'shape':<34}" + "".join(f"{name:>{width}}" for name in impls)
+    header = f"{'shape':<34}" + "".join(f"{name:>{width}}" for name in impls) + f"{'ours / best peer':>22}"
     print(header)
     for shape in shapes:
         b, h, n, n_kv, d, causal, what = shape_sizes(shape)
@@ -235,6 +235,7 @@ def run(
             except Exception as exc:  # an implementation that cannot run this shape: recorded, not fatal
                 row["tops"][name] = row["us"][name] = None
                 row.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        versus = _versus_best_peer(row)
         results.append(row)
         label = f"B{b} H{h} N{n}{f' Nkv{n_kv}' if n_kv != n else ''} D{d}{' causal' if causal else ''}"
         routed = row.get("pytorch_attention", {})
@@ -242,7 +243,7 @@ def run(
             f"{(f'{t:.0f}' if t else '—') + ('*' if name in routed else ''):>{width}}"
             for name, t in row["tops"].items()
         )
-        print(f"{label:<34}{cells}", flush=True)
+        print(f"{label:<34}{cells}{versus:>22}", flush=True)
         del q, k, v
     reasons = sorted({why for row in results for why in row.get("pytorch_attention", {}).values()})
     for why in reasons:
@@ -253,6 +254,22 @@ def run(
     if plot_path:
         plot(results, plot_path, f"{gpu}, bf16 inputs, quantization included")
     return results
+
+
+def _versus_best_peer(row: dict) -> str:
+    """The fastest of our implementations against the fastest peer of one shape's row (the bar: at least 1.00
+    everywhere); records both ratios in the row (`vs_best_peer`, `best_peer`) and returns the table's cell, e.g.
+    "1.04 × SDPA cuDNN" ("*" where ours ran PyTorch attention), or "" without both."""
+    ours = {name: t for name, t in row["tops"].items() if name.startswith("comfy_sage") and t}
+    peers = {name: t for name, t in row["tops"].items() if not name.startswith("comfy_sage") and t}
+    if not (ours and peers):
+        return ""
+    peer = max(peers, key=peers.get)
+    row["best_peer"] = peer
+    row["vs_best_peer"] = {name: t / peers[peer] for name, t in ours.items()}
+    fastest = max(ours, key=ours.get)
+    routed = "*" if fastest in row.get("pytorch_attention", {}) else ""
+    return f"{row['vs_best_peer'][fastest]:.2f}{routed} × {peer}"
 
 
 def plot(results: list, path: str, title: str) -> None:

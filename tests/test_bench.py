@@ -199,3 +199,14 @@ def test_run_marks_the_shapes_where_a_mode_ran_pytorch_attention(monkeypatch, ca
     out = capsys.readouterr().out
     assert "*" in out.splitlines()[2] and "*" not in out.splitlines()[3]
     assert out.rstrip().endswith("* PyTorch attention ran: faster there")
+
+
+def test_each_row_compares_the_fastest_of_ours_with_the_best_peer():
+    row = {"tops": {"comfy_sage auto": 660.0, "comfy_sage int8_fp8": 690.0, "SDPA cuDNN": 600.0, "SDPA flash": None}}
+    assert bench._versus_best_peer(row) == "1.15 × SDPA cuDNN"
+    assert row["best_peer"] == "SDPA cuDNN"
+    assert row["vs_best_peer"] == {"comfy_sage auto": pytest.approx(1.1), "comfy_sage int8_fp8": pytest.approx(1.15)}
+    routed = {"tops": {"comfy_sage auto": 590.0, "SDPA cuDNN": 600.0}, "pytorch_attention": {"comfy_sage auto": "why"}}
+    assert bench._versus_best_peer(routed) == "0.98* × SDPA cuDNN"
+    assert bench._versus_best_peer({"tops": {"comfy_sage auto": 1.0, "SDPA cuDNN": None}}) == ""
+    assert bench._versus_best_peer({"tops": {"SDPA cuDNN": 1.0}}) == ""
