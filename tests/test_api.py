@@ -148,17 +148,10 @@ def test_stands_in_for_sdpa_inside_torch(gen, fresh_state, monkeypatch):
     torch.testing.assert_close(got, expected)
 
 
-def test_dropout_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch, kernel_plan):
+def test_dropout_runs_pytorch_attention(gen, fresh_state, caplog, kernel_plan, kernel_calls):
     # The kernels have no dropout: a call with dropout_p > 0 runs PyTorch attention with it (the same draws as
     # calling SDPA under the same seed) and says why once; dropout_p = 0 runs the kernel.
     caplog.set_level(logging.INFO, logger="comfy_sage")
-    ran = []
-
-    def attention(q, *args, **kwargs):
-        ran.append(q.shape)
-        return torch.zeros_like(q), None
-
-    monkeypatch.setattr(ops, "attention", attention)
     q, k, v = small(gen)
     for _ in range(3):
         torch.manual_seed(7)
@@ -166,9 +159,9 @@ def test_dropout_runs_pytorch_attention(gen, fresh_state, caplog, monkeypatch, k
         torch.manual_seed(7)
         assert torch.equal(got, torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
     assert not torch.equal(got, pytorch_attention(q, k, v)[0])
-    assert not ran
+    assert not kernel_calls
     sageattn(q, k, v, None, 0.0, mode="int8_int8")
-    assert len(ran) == 1
+    assert len(kernel_calls) == 1
     assert reasons(caplog) == [api.DROPOUT_REASON]
 
 
@@ -356,6 +349,19 @@ def kernel_plan(monkeypatch):
     monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list:
+    """The shapes of Q that reached the (faked) kernel op, which returns zeros."""
+    ran = []
+
+    def attention(q, *args, **kwargs):
+        ran.append(q.shape)
+        return torch.zeros_like(q), None
+
+    monkeypatch.setattr(ops, "attention", attention)
+    return ran
+
+
 def pytorch_attention(q, k, v):
     """PyTorch's attention as `sageattn` runs it for `small`'s HND inputs: (out, LSE)."""
     return fallback.attention(
@@ -425,18 +431,11 @@ def test_other_kernel_errors_are_raised(gen, fresh_state, monkeypatch, kernel_pl
         sageattn(q, k, v, mode="int8_int8")
 
 
-def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplog, monkeypatch, kernel_plan):
+def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplog, kernel_plan, kernel_calls):
     # The kernels have no backward pass: with grad mode on and an input that requires gradients, the call runs
     # PyTorch's attention (differentiable: the same output and gradients as calling it) and says why once;
     # without grad mode, or without an input that requires gradients, the kernel runs.
     caplog.set_level(logging.INFO, logger="comfy_sage")
-    ran = []
-
-    def attention(q, *args, **kwargs):
-        ran.append(q.shape)
-        return torch.zeros_like(q), None
-
-    monkeypatch.setattr(ops, "attention", attention)
     q, k, v = (t.float().requires_grad_() for t in small(gen))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
@@ -448,11 +447,11 @@ def test_calls_that_need_gradients_run_pytorch_attention(gen, fresh_state, caplo
         grads = torch.autograd.grad(out.square().sum(), (q, k, v))
         for got, want in zip(grads, expected_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    assert not ran
+    assert not kernel_calls
     with torch.no_grad():
         sageattn(q, k, v, mode="int8_int8")
     sageattn(q.detach(), k.detach(), v.detach(), mode="int8_int8")
-    assert len(ran) == 2
+    assert len(kernel_calls) == 2
     sageattn(q, k, v, mode="sdpa")  # asked for PyTorch attention: nothing to explain
     assert reasons(caplog) == [api.NEEDS_GRAD_REASON]
 
