@@ -106,6 +106,19 @@ def check_mask(attn_mask: object, problem: Problem, is_causal: bool, device: tor
         )
 
 
+def key_mask_rows(attn_mask: torch.Tensor, batch: int, seq_kv: int) -> int | None:
+    """For a checked mask that depends on the key alone (the same for every head and query row, as text-padding
+    masks are: [B or 1, 1, 1, N_kv], [1, 1, N_kv], [1, N_kv]): its rows, B or 1. None for any other mask. Read
+    from the shape only: deciding from the values would cost a GPU synchronization."""
+    shape = attn_mask.shape
+    # [B, H, N_q, N_kv] (H and N_q of 1) or fewer dimensions, broadcast from the right (all but N_kv of 1).
+    between = shape[1:-1] if len(shape) == 4 else shape[:-1]
+    if seq_kv == 0 or shape[-1] != seq_kv or any(n != 1 for n in between):
+        return None
+    rows = shape[0] if len(shape) == 4 else 1
+    return rows if rows in (1, batch) else None
+
+
 def check_sm_scale(sm_scale: object, head_dim: int, name: str = "sm_scale") -> float:
     if sm_scale is None:
         return head_dim**-0.5

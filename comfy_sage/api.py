@@ -7,7 +7,17 @@ import math
 import torch
 
 from . import dispatch, fallback, ops
-from ._inputs import Problem, check_dropout, check_layout, check_mask, check_sm_scale, from_hnd, qkv_sizes, to_hnd
+from ._inputs import (
+    Problem,
+    check_dropout,
+    check_layout,
+    check_mask,
+    check_sm_scale,
+    from_hnd,
+    key_mask_rows,
+    qkv_sizes,
+    to_hnd,
+)
 from ._log import log_once
 from .modes import Mode
 
@@ -171,32 +181,48 @@ def plan_for(
     mode: Mode | str = "auto",
     has_mask: bool = False,
     return_lse: bool = False,
+    attn_mask: torch.Tensor | None = None,
 ) -> dispatch.Plan:
     """What `sageattn` runs for these inputs and options (a kernel, or PyTorch attention and why), without
-    running it; for benchmarks and reports."""
+    running it; for benchmarks and reports. `has_mask`: a mask other than a key mask; `attn_mask`: the mask
+    itself, whichever kind."""
     layout = check_layout(tensor_layout)
-    return _plan(q, qkv_sizes(q, k, v, layout), is_causal, Mode.parse(mode), has_mask, return_lse)
+    sizes = qkv_sizes(q, k, v, layout)
+    key_mask = False
+    if attn_mask is not None:
+        check_mask(attn_mask, Problem(*sizes, layout), is_causal, q.device)
+        key_mask = key_mask_rows(attn_mask, sizes[0], sizes[4]) is not None
+        has_mask = not key_mask
+    return _plan(q, sizes, is_causal, Mode.parse(mode), has_mask, return_lse, key_mask)
 
 
-def _plan(q, sizes, is_causal: bool, mode: Mode, has_mask: bool, return_lse: bool) -> dispatch.Plan:
+def _plan(
+    q, sizes, is_causal: bool, mode: Mode, has_mask: bool, return_lse: bool, key_mask: bool = False
+) -> dispatch.Plan:
     return dispatch.plan(
         mode, q.device, sizes[-1], q.dtype, has_mask, sizes[4], seq_q=sizes[3], is_causal=is_causal,
-        return_lse=return_lse, heads_q=sizes[1],
+        return_lse=return_lse, heads_q=sizes[1], key_mask=key_mask,
     )  # fmt: skip
 
 
 def _run(q, k, v, layout: str, sizes, is_causal: bool, scale: float, mode: Mode, attn_mask, return_lse: bool):
     """Dispatch one validated call (`sizes` from `qkv_sizes`): (out in the caller's layout, LSE or None)."""
-    plan = _plan(q, sizes, is_causal, mode, attn_mask is not None, return_lse)
+    key_rows = None if attn_mask is None else key_mask_rows(attn_mask, sizes[0], sizes[4])
+    plan = _plan(
+        q, sizes, is_causal, mode, attn_mask is not None and key_rows is None, return_lse, key_rows is not None
+    )
     if plan.reason:
         log_once(plan.reason, plan.log_level)
     if plan.note:
         log_once(plan.note, plan.log_level)
-    if not plan.fallback and (not _short_of_memory or _kernel_fits(_memory_key(q, sizes, plan, is_causal, return_lse))):
+    if plan.fallback:
+        return _pytorch_attention(q, k, v, layout, sizes, is_causal, scale, attn_mask, return_lse)
+    if not _short_of_memory or _kernel_fits(_memory_key(q, sizes, plan, is_causal, return_lse)):
         try:
+            bias = None if key_rows is None else ops.key_bias(attn_mask, key_rows, sizes[4])
             return ops.attention(
                 q, k, v, layout, plan.mode, family=plan.kernel.family, is_causal=is_causal, scale=scale,
-                return_lse=return_lse,
+                return_lse=return_lse, key_bias=bias,
             )  # fmt: skip
         except RuntimeError as error:
             need = ops.out_of_memory_bytes(error)
@@ -214,6 +240,18 @@ def _pytorch_attention(
     q, k, v, layout: str, sizes, is_causal: bool, scale: float, attn_mask, return_lse: bool, dropout_p: float = 0.0
 ):
     """PyTorch's attention on one validated call: (out in the caller's layout, LSE or None)."""
+    batch, heads_q, heads_kv, seq_q, seq_kv, _ = sizes
+    plain = attn_mask is None and not return_lse and not dropout_p and (not is_causal or seq_q == seq_kv)
+    # Not empty either: SDPA on CUDA returns None for an empty batch or zero heads (the general path answers).
+    if plain and batch and heads_q and seq_q and seq_kv:
+        # The common call `auto` leaves to PyTorch attention for speed (no mask, no LSE, causal only when square):
+        # SDPA itself, without the general path's `Problem` and branches, which cost ~10 µs of host time a call.
+        gqa = True if heads_q != heads_kv else False  # noqa: SIM210 (a branch, as in `fallback.attention`)
+        if layout == "HND":
+            return fallback.sdpa(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa).contiguous(), None
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        out = fallback.sdpa(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2).contiguous(), None
     qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
     out, lse = fallback.attention(
         qh, kh, vh, Problem(*sizes, layout), is_causal=is_causal, scale=scale, attn_mask=attn_mask,

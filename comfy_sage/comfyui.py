@@ -19,7 +19,8 @@ What one attention call runs (`SageOverride.__call__`), in this order
 4. Shapes `comfy_sage.sageattn` does not take (k/v head dims unlike q's, batch or dtype mismatches) and
    calls that need a backward pass go to the fallback (`kernel_blocker`), logged once per reason and model.
 5. `dispatch.plan(mode, device, head_dim, dtype, has_mask, tokens)` (cached, no tensor reads): a plan no kernel
-   can run (no CUDA, an old GPU, head dim, dtype, a mask, kernels not installed) goes to the fallback and logs
+   can run (no CUDA, an old GPU, head dim, dtype, a mask other than a key mask, kernels not installed; a key
+   mask, one value per key as HunyuanVideo's text padding is, runs on the mma.sync kernel) goes to the fallback and logs
    its reason once per patched model, and so does a call that `auto` leaves to PyTorch attention because it
    is faster there (on Hopper: fewer than 4,096 tokens, head dims above 128; logged at INFO); otherwise
    `comfy_sage.sageattn` runs the kernel. Kernels that load later are picked up without change: the plan
@@ -58,6 +59,7 @@ from typing import Any
 import torch
 
 from . import __version__, capability, dispatch, doctor
+from ._inputs import key_mask_rows
 from .api import sageattn
 from .modes import Mode
 
@@ -275,8 +277,25 @@ def kernel_blocker(call: AttentionCall) -> str | None:
     return None
 
 
-def kernel_attention(call: AttentionCall, mode: Mode) -> torch.Tensor:
-    """`comfy_sage.sageattn` on a ComfyUI call, in ComfyUI's output layout (no copies but the output's)."""
+def key_mask(call: AttentionCall) -> torch.Tensor | None:
+    """The call's mask as ComfyUI's `attention_pytorch` hands it to SDPA ([n_q, n_kv] and [b, n_q, n_kv] get the
+    missing batch and heads dimensions) when it depends on the key alone, which the kernels take; else None."""
+    mask = call.mask
+    if mask is None or not (mask.dtype == torch.bool or mask.dtype.is_floating_point) or mask.device != call.q.device:
+        return None
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    seq = 2 if call.skip_reshape else 1
+    if mask.dim() != 4 or key_mask_rows(mask, call.q.shape[0], call.k.shape[seq]) is None:
+        return None
+    return mask
+
+
+def kernel_attention(call: AttentionCall, mode: Mode, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`comfy_sage.sageattn` on a ComfyUI call, in ComfyUI's output layout (no copies but the output's), with a
+    key mask from `key_mask`."""
     if call.skip_reshape:
         q, k, v, layout = call.q, call.k, call.v, "HND"
     else:  # [b, n, h·d] → [b, n, h, d] views; K/V may have fewer heads (GQA)
@@ -284,7 +303,7 @@ def kernel_attention(call: AttentionCall, mode: Mode) -> torch.Tensor:
         q = call.q.unflatten(-1, (call.heads, d))
         k, v = (t.unflatten(-1, (t.shape[-1] // d, d)) for t in (call.k, call.v))
         layout = "NHD"
-    out = sageattn(q, k, v, tensor_layout=layout, sm_scale=call.scale, mode=mode)
+    out = sageattn(q, k, v, mask, tensor_layout=layout, sm_scale=call.scale, mode=mode)
     if call.skip_output_reshape:
         return out if layout == "HND" else out.transpose(1, 2)
     return (out.transpose(1, 2) if layout == "HND" else out).flatten(2)
@@ -351,14 +370,15 @@ class SageOverride:
         if blocker is not None:
             return self._fallback(blocker, func, args, kwargs)
         seq = 2 if call.skip_reshape else 1
+        mask = key_mask(call)
         plan = dispatch.plan(
-            mode, call.q.device, call.head_dim, call.q.dtype, call.mask is not None, call.k.shape[seq],
-            seq_q=call.q.shape[seq],
+            mode, call.q.device, call.head_dim, call.q.dtype, call.mask is not None and mask is None,
+            call.k.shape[seq], seq_q=call.q.shape[seq], key_mask=mask is not None,
         )  # fmt: skip
         if plan.fallback:
             why = plan.reason or f"{mode.value} has no kernel here"
             return self._fallback(why, func, args, kwargs, level=plan.log_level)
-        out = kernel_attention(call, mode)
+        out = kernel_attention(call, mode, mask)
         if state is not None:
             state.kernel_calls += 1
             if self.settings.nonfinite_guard:

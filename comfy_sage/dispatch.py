@@ -44,6 +44,11 @@ HOPPER_FP8_PV_MAX_HEAD_DIM = 64
 # SM90_MAX_HEAD_DIM), which only the mma.sync kernel computes there, 1.6-2.4× slower than cuDNN. Explicit modes
 # and calls asking for the LSE (which PyTorch's attention computes in a second pass) keep the kernels.
 HOPPER_AUTO_MIN_TOKENS = 4096
+# Why a call with a mask that is not a key mask (one value per key for every head and query row) falls back.
+MASK_REASON = "the kernels take key masks only (one value per key, the same for every head and query row)"
+# Whether Hopper's `auto` runs calls with a key mask (which the wgmma kernel does not take) on the mma.sync kernel
+# rather than PyTorch's attention.
+HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC = False
 # The kernels' grids carry the query heads in a dimension of at most 65,535 (csrc/binding.cpp runs larger
 # batches in chunks that fit, but cannot split the heads).
 MAX_KERNEL_HEADS = 65_535
@@ -165,11 +170,13 @@ def plan(
     is_causal: bool = False,
     return_lse: bool = False,
     heads_q: int = 0,
+    key_mask: bool = False,
 ) -> Plan:
     """The plan for one call's static properties (cached; never reads tensor data). The token counts (0:
     unknown) matter only past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow, and to
     Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS, with `is_causal` and `return_lse`; the query heads (0:
-    unknown) only past MAX_KERNEL_HEADS."""
+    unknown) only past MAX_KERNEL_HEADS. `key_mask`: the call's mask depends on the key alone (`has_mask` is then
+    False), which the mma.sync kernel takes with INT8 Q·Kᵀ."""
     long_rows = seq_kv > INT8_PV_MAX_KEYS
     auto_lse = return_lse and mode is Mode.AUTO
     few_tokens = (
@@ -178,14 +185,17 @@ def plan(
         and 0 < min(seq_q, seq_kv) < (2 * HOPPER_AUTO_MIN_TOKENS if is_causal else HOPPER_AUTO_MIN_TOKENS)
     )
     many_heads = heads_q > MAX_KERNEL_HEADS
-    key = (mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows, few_tokens, auto_lse, many_heads)
+    key = (
+        mode, device, head_dim, dtype, has_mask, _preferred_family, long_rows, few_tokens, auto_lse, many_heads,
+        key_mask,
+    )  # fmt: skip
     found = _plans.get(key)
     if found is not None:
         return found
     cc = capability.device_capability(device)
     found = _plan(
         mode, device.type, cc, head_dim, dtype, has_mask, device.index, _preferred_family, long_rows, few_tokens,
-        auto_lse, many_heads,
+        auto_lse, many_heads, key_mask,
     )  # fmt: skip
     if device.index is not None or device.type != "cuda":  # "cuda" alone means the current device: it may change
         _plans[key] = found
@@ -206,6 +216,7 @@ def _plan(
     few_tokens: bool = False,
     return_lse: bool = False,
     many_heads: bool = False,
+    key_mask: bool = False,
 ) -> Plan:
     requested = mode
     if mode is Mode.SDPA:
@@ -224,7 +235,7 @@ def _plan(
     if cc < MIN_CC:
         return fallback(f"{capability.sm_name(cc)} is older than sm_80 (Ampere), the oldest GPU the kernels support")
     if has_mask:
-        return fallback("attn_mask is not supported by the kernels")
+        return fallback(MASK_REASON)
     if many_heads:
         return fallback(f"the kernels take at most {MAX_KERNEL_HEADS:,} query heads a call")
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM or head_dim % HEAD_DIM_MULTIPLE:
@@ -243,22 +254,30 @@ def _plan(
     hopper = cc == HOPPER
 
     def runs_wgmma(m: Mode) -> bool:
-        return wgmma_fits(cc, m, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
+        return (
+            wgmma_fits(cc, m, head_dim)
+            and not key_mask
+            and preferred_family != "sm80"
+            and capability.kernels_run_on(device, "sm90")
+        )
 
     if requested is Mode.AUTO and hopper and dtype in KERNEL_DTYPES and not return_lse and preferred_family is None:
         sm = capability.sm_name(cc)
-        if not runs_wgmma(mode):  # only the mma.sync kernel could: 1.6-2.4× slower than cuDNN there
+        fewest = HOPPER_AUTO_MIN_TOKENS
+        few = (
+            f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)" if few_tokens else None
+        )
+        if key_mask:  # only the mma.sync kernel takes them
+            why = few if HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC else "key masks, which only the mma.sync kernel takes"
+        elif not runs_wgmma(mode):  # only the mma.sync kernel could: 1.6-2.4× slower than cuDNN there
             where = (
                 f"head dims above {SM90_MAX_HEAD_DIM}"
                 if head_dim > SM90_MAX_HEAD_DIM
                 else "a build without sm_90a code"
             )
             why = f"{where}, where only the mma.sync kernel runs"
-        elif few_tokens:
-            fewest = HOPPER_AUTO_MIN_TOKENS
-            why = f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)"
         else:
-            why = None
+            why = few
         if why:
             return Plan(
                 requested, Mode.SDPA, None, f"mode 'auto' runs PyTorch attention on {sm} for {why}: faster there",
@@ -268,6 +287,9 @@ def _plan(
     if requested is Mode.AUTO and hopper and not runs_wgmma(mode):
         mode = Mode.INT8_INT8  # see auto_mode
     mode, note = native_mode(mode, cc)
+    if key_mask and mode.qk_bits == 4:
+        mode = mode.with_qk_bits(8)
+        note = "; ".join(filter(None, (note, "key masks run with INT8 Q·Kᵀ, so INT8 Q·Kᵀ runs instead")))
     if long_rows and mode.pv == "int8":
         mode, fp16_note = native_mode(mode.with_pv("fp8"), cc)
         long_note = (

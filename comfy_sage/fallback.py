@@ -19,7 +19,7 @@ _LSE_CHUNK_ELEMENTS = 1 << 24
 # PyTorch's own function (what `F.scaled_dot_product_attention` is), not the module attribute looked up at call
 # time: a program that replaces `F.scaled_dot_product_attention` with `sageattn` would otherwise send every call
 # that falls back here into `sageattn` again, without end.
-_sdpa = torch._C._nn.scaled_dot_product_attention
+sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 def attention(
@@ -56,16 +56,16 @@ def attention(
     if hidden:
         out = q.new_zeros(q.shape)
         if hidden < nq:
-            out[:, :, hidden:] = _sdpa(
+            out[:, :, hidden:] = sdpa(
                 q[:, :, hidden:], k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
             )
     elif is_causal and nq != nkv:
         # Imported here: torch.nn.attention.bias pulls in torch._dynamo, which doubles `import comfy_sage`.
         from torch.nn.attention.bias import causal_lower_right
 
-        out = _sdpa(q, k, v, attn_mask=causal_lower_right(nq, nkv), dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        out = sdpa(q, k, v, attn_mask=causal_lower_right(nq, nkv), dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     else:
-        out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     if attn_mask is not None:
         # PyTorch's CUDA backends give a row whose keys are all masked a finite non-zero value (seen on an
         # H100 with torch 2.11, bool masks); our convention is 0. Out of place: SDPA's backward needs its

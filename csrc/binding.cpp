@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -85,7 +86,8 @@ void sm90_buffers(const Shape& s, bool causal, int64_t* partial_floats, int* cou
 #endif
 
 std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layout, int64_t qk_bits, int64_t pv,
-                                     bool is_causal, double sm_scale, bool return_lse, int64_t family) {
+                                     bool is_causal, double sm_scale, bool return_lse, int64_t family,
+                                     std::optional<Tensor> key_bias) {
   STD_TORCH_CHECK(layout == kLayoutHND || layout == kLayoutNHD, "layout must be 0 (HND) or 1 (NHD)");
   STD_TORCH_CHECK(qk_bits == 8 || qk_bits == 4, "qk_bits must be 8 or 4");
   STD_TORCH_CHECK(pv >= 0 && pv <= 2, "pv must be 0 (FP16), 1 (FP8) or 2 (INT8)");
@@ -109,6 +111,21 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   STD_TORCH_CHECK(!sm90 || dq.d <= 128, "the wgmma kernels take head_dim up to 128");
   STD_TORCH_CHECK(pv_type != PvType::kInt8 || dk.n <= kInt8PvMaxKeys,
                   "INT8 P·V takes at most ", kInt8PvMaxKeys, " keys (its int32 accumulator); use FP8 or FP16 P·V");
+
+  const int64_t key_bias_width = round_up(std::max<int64_t>(dk.n, 1), kKeyBiasAlign);
+  if (key_bias.has_value()) {  // comfy_sage/ops.py key_bias: [B or 1, width + flags] float32, contiguous
+    const Tensor& kb = *key_bias;
+    STD_TORCH_CHECK(!sm90, "the wgmma kernels take no key mask");
+    STD_TORCH_CHECK(qk_bits == 8, "key masks run with INT8 Q·K^T only");
+    STD_TORCH_CHECK(kb.scalar_type() == ScalarType::Float && kb.dim() == 2, "key_bias must be 2-D float32");
+    STD_TORCH_CHECK(kb.is_cuda() && kb.get_device_index() == device, "key_bias must be on q's CUDA device");
+    STD_TORCH_CHECK(kb.is_contiguous() && reinterpret_cast<uintptr_t>(kb.data_ptr()) % 16 == 0,
+                    "key_bias must be contiguous and 16-byte aligned");
+    STD_TORCH_CHECK(kb.size(0) == 1 || kb.size(0) == dq.b, "key_bias must have q's batch size or 1 row");
+    STD_TORCH_CHECK(kb.size(1) == key_bias_width + round_up(key_bias_width / kSm80BlockK, 4),
+                    "key_bias rows must hold N_kv rounded up to ", kKeyBiasAlign, " values and a flag per ",
+                    kSm80BlockK, " of them");
+  }
 
   torch::stable::accelerator::DeviceGuard guard(device);
   void* stream_ptr = nullptr;
@@ -210,6 +227,9 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.causal = is_causal;
   a.qk_bits = static_cast<int>(qk_bits);
   a.pv = pv_type;
+  const float* const key_bias_ptr = key_bias.has_value() ? static_cast<const float*>(key_bias->data_ptr()) : nullptr;
+  a.key_bias_batch_stride = key_bias.has_value() && key_bias->size(0) > 1 ? key_bias->size(1) : 0;
+  a.key_bias_width = static_cast<int>(key_bias_width);
 
   const auto stream = static_cast<cudaStream_t>(stream_ptr);
   auto* const q_bytes = static_cast<uint8_t*>(q.data_ptr());
@@ -224,6 +244,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
     a.v = {v_bytes + b0 * dv.sb * kElementBytes, dv.sb, dv.sh, dv.sn};
     a.out = {out_bytes + b0 * dout.sb * kElementBytes, dout.sb, dout.sh, dout.sn};
     a.lse = return_lse ? static_cast<float*>(lse.data_ptr()) + b0 * dq.h * dq.n : nullptr;
+    a.key_bias = key_bias_ptr != nullptr ? key_bias_ptr + b0 * a.key_bias_batch_stride : nullptr;
     a.shape = s;
     a.shape.batch = static_cast<int>(batch);
     // k_sum, v_amax, the split counters and kv_stats's arrivals packed for this chunk, as its memset
@@ -250,7 +271,7 @@ bool runs_on(int64_t device, int64_t family) {
 STABLE_TORCH_LIBRARY(comfy_sage, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, int pv, bool is_causal, "
-      "float sm_scale, bool return_lse, int family=80) -> (Tensor, Tensor)");
+      "float sm_scale, bool return_lse, int family=80, Tensor? key_bias=None) -> (Tensor, Tensor)");
   m.def("runs_on(int device, int family=80) -> bool");
 }
 

@@ -2,7 +2,8 @@
 (and racecheck).
 
 Calls the op directly so the INT4 variants run too (the dispatcher sends INT4 to INT8 where INT4 is emulated),
-and the wgmma variants where the GPU is sm_90. `--family sm90` runs those only.
+the mma.sync key-mask variants (INT8 Q·Kᵀ), and the wgmma variants where the GPU is sm_90. `--family sm90` runs
+those only.
 """
 
 import itertools
@@ -29,10 +30,17 @@ for (family, bits, d, pv), dtype, causal in itertools.product(cases, dtypes, (Fa
     # is under the sanitizers too; and, without the LSE, K/V of one K block (77 keys), whose statistics the
     # quantization takes in its K/V CTA.
     for seq_kv, lse in ((700, True), (77, False)) if family == 90 else (((70 if causal else 200), True),):
-        q, k, v = make_qkv(1, 4, 130, d, heads_kv=2, seq_kv=seq_kv, dtype=dtype, device="cuda")
+        q, k, v = make_qkv(2, 4, 130, d, heads_kv=2, seq_kv=seq_kv, dtype=dtype, device="cuda")
         args = (q, k, v, 0, bits, ops.PV_CODES[pv], causal, d**-0.5, lse, family)
         out, _ = torch.ops.comfy_sage.attention(*args)
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), (family, bits, d, pv, dtype, causal, seq_kv)
         ran += 1
+        if family == 80 and bits == 8 and not causal:  # the key-mask variant: a bias row per batch entry
+            keep = torch.rand(2, 1, 1, seq_kv, device="cuda") > 0.3
+            keep[..., 0] = True
+            out, _ = torch.ops.comfy_sage.attention(*args, ops.key_bias(keep, 2, seq_kv))
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all(), (family, bits, d, pv, dtype, "key mask", seq_kv)
+            ran += 1
 print(f"sanitize cases ran: {ran} variants")

@@ -221,8 +221,8 @@ def test_notes_are_logged_once(gen, fresh_state, caplog, monkeypatch):
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 def test_plan_sees_the_token_counts_causality_lse_and_heads(gen, fresh_state, monkeypatch, layout):
     # INT8 P·V changes plan past INT8_PV_MAX_KEYS keys, Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS query or key
-    # tokens (twice that causal, never with the LSE), and every mode past MAX_KERNEL_HEADS query heads, so the
-    # call hands the plan all five.
+    # tokens (twice that causal, never with the LSE), every mode past MAX_KERNEL_HEADS query heads, and a key mask
+    # leaves the wgmma kernel out, so the call hands the plan all six.
     seen = []
     real = dispatch.plan
 
@@ -237,7 +237,8 @@ def test_plan_sees_the_token_counts_causality_lse_and_heads(gen, fresh_state, mo
     for causal, lse in ((False, False), (True, True)):
         sageattn(q, k, k.clone(), tensor_layout=layout, mode="int8_int8", is_causal=causal, return_lse=lse)
         args, kwargs = seen[-1]
-        assert args[-1] == 37 and kwargs == {"seq_q": 24, "is_causal": causal, "return_lse": lse, "heads_q": 6}
+        assert args[-1] == 37
+        assert kwargs == {"seq_q": 24, "is_causal": causal, "return_lse": lse, "heads_q": 6, "key_mask": False}
 
 
 def test_log_once_levels_and_return_value(fresh_state, caplog):
@@ -467,3 +468,41 @@ def test_out_of_memory_marker_is_the_bindings():
     assert (
         ops.out_of_memory_bytes(RuntimeError(f"attention, binding.cpp:70, {ops.OUT_OF_MEMORY}: 123 bytes for")) == 123
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 30), (1, 30), (1, 1, 30)])
+def test_key_masks_reach_the_kernel_as_a_bias(gen, fresh_state, monkeypatch, shape):
+    # A mask with one value per key (text padding) is planned as a key mask and sent to the op as the kernel's
+    # bias; any other mask is planned as a mask (PyTorch attention).
+    asked, sent = [], []
+    real = dispatch.plan
+
+    def spy(*args, **kwargs):
+        asked.append((args[4], kwargs["key_mask"]))
+        return real(*args, **kwargs)
+
+    def attention(q, k, v, *args, key_bias=None, **kwargs):
+        sent.append(key_bias)
+        return torch.zeros_like(q), None
+
+    monkeypatch.setattr(dispatch, "plan", spy)
+    q, k, v = make_qkv(2, 4, 20, 64, seq_kv=30, generator=gen)
+    keep = torch.rand(shape, generator=gen) > 0.3
+    sageattn(q, k, v, keep)
+    assert asked == [(False, True)]  # on this CPU it still falls back: no kernel op reached
+    kernel = dispatch.Plan(Mode.INT8_INT8, Mode.INT8_INT8, dispatch.KernelSpec("sm80", Mode.INT8_INT8, SM80))
+    monkeypatch.setattr(dispatch, "plan", lambda *args, **kwargs: kernel)
+    monkeypatch.setattr(ops, "attention", attention)
+    sageattn(q, k, v, keep)
+    rows = shape[0] if len(shape) == 4 else 1
+    assert torch.equal(sent[0], ops.key_bias(keep, rows, 30))
+
+
+def test_masks_per_query_row_or_head_are_not_key_masks(gen, fresh_state, monkeypatch):
+    asked = []
+    real = dispatch.plan
+    monkeypatch.setattr(dispatch, "plan", lambda *a, **kw: asked.append((a[4], kw["key_mask"])) or real(*a, **kw))
+    q, k, v = make_qkv(2, 4, 20, 64, seq_kv=30, generator=gen)
+    for shape in ((20, 30), (2, 4, 1, 30), (4, 1, 30)):
+        sageattn(q, k, v, torch.rand(shape, generator=gen) > 0.3)
+    assert asked == [(True, False)] * 3

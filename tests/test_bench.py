@@ -175,7 +175,18 @@ def test_run_marks_the_shapes_where_a_mode_ran_pytorch_attention(monkeypatch, ca
     asked = []
 
     def plan(
-        mode, device, head_dim, dtype, has_mask, seq_kv=0, *, seq_q=0, is_causal=False, return_lse=False, heads_q=0
+        mode,
+        device,
+        head_dim,
+        dtype,
+        has_mask,
+        seq_kv=0,
+        *,
+        seq_q=0,
+        is_causal=False,
+        return_lse=False,
+        heads_q=0,
+        key_mask=False,
     ):
         asked.append((mode, head_dim, dtype, has_mask, seq_q, seq_kv, is_causal))
         reason = "faster there" if mode is Mode.AUTO and seq_q < 100 else None

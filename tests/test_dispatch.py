@@ -176,7 +176,7 @@ def test_few_tokens_route_only_what_the_kernels_would_run(gpu):
     with dispatch.prefer_family("sm90"):
         assert dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 77, seq_q=77).kernel.family == "sm90"
     masked = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, True, 77, seq_q=77)
-    assert masked.fallback and not masked.faster and "attn_mask is not supported" in masked.reason
+    assert masked.fallback and not masked.faster and dispatch.MASK_REASON in masked.reason
 
 
 def test_few_tokens_key_the_cache_by_one_bool(gpu):
@@ -349,7 +349,7 @@ def test_mask_falls_back(gpu, mode):
     p = plan(mode, has_mask=True)
     assert p.fallback
     asked = "int8_int8" if mode == "auto" else mode  # "auto" names the mode it picked
-    assert p.reason == f"{asked} falls back to PyTorch attention: attn_mask is not supported by the kernels"
+    assert p.reason == f"{asked} falls back to PyTorch attention: {dispatch.MASK_REASON}"
 
 
 @pytest.mark.parametrize("cc", [(8, 9), (9, 0)])
@@ -610,3 +610,44 @@ def test_kernel_status_missing_dependency_of_the_extension(fresh_state, monkeypa
 
     monkeypatch.setattr(capability, "importlib", SimpleNamespace(import_module=fail))
     assert capability.kernel_status().reason == "the compiled kernels failed to load: No module named 'triton'"
+
+
+# --- key masks: one value per key (text padding), which the mma.sync kernel takes with INT8 Q·Kᵀ ------------------
+
+
+def key_plan(mode="auto", cc_seq=8192, head_dim=128):
+    return dispatch.plan(Mode.parse(mode), CUDA, head_dim, torch.bfloat16, False, cc_seq, seq_q=cc_seq, key_mask=True)
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9), (12, 0)])
+@pytest.mark.parametrize("mode", ["auto", "int8_fp8", "int8_fp16", "int8_int8"])
+def test_key_masks_run_the_mma_sync_kernel(gpu, cc, mode):
+    gpu(cc)
+    p = key_plan(mode)
+    assert not p.fallback and p.kernel.family == "sm80" and p.mode.qk_bits == 8
+
+
+@pytest.mark.parametrize("mode", ["int4_fp8", "int4_fp16"])
+def test_key_masks_with_int4_run_int8_and_say_so(gpu, mode):
+    gpu((8, 9))  # INT4 native here: only the key mask moves it to INT8
+    p = key_plan(mode)
+    assert not p.fallback and p.mode.qk_bits == 8 and "key masks run with INT8" in p.note
+
+
+def test_key_masks_on_hopper(gpu):
+    # The wgmma kernel takes none: explicit modes run the mma.sync kernel, `auto` PyTorch's attention (with a
+    # mask, faster there than the mma.sync kernel: docs/hopper-notes.md k1).
+    gpu((9, 0))
+    for mode in ("int8_fp8", "int8_int8"):
+        p = key_plan(mode)
+        assert not p.fallback and p.kernel.family == "sm80", mode
+    with dispatch.prefer_family("sm90"):
+        assert key_plan("int8_fp8").kernel.family == "sm80"
+    p = key_plan("auto")
+    assert dispatch.HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC or (p.fallback and p.faster and "key masks" in p.reason)
+
+
+def test_other_masks_still_fall_back(gpu):
+    gpu((8, 9))
+    p = dispatch.plan(Mode.INT8_FP8, CUDA, 128, torch.bfloat16, True, 100, seq_q=100)
+    assert p.fallback and dispatch.MASK_REASON in p.reason

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 
-from comfy_sage import sageattn
+from comfy_sage import fallback, sageattn
+from comfy_sage._inputs import Problem
 from comfy_sage.reference import exact
 from comfy_sage.testing import make_qkv
 
@@ -308,6 +309,61 @@ def test_autograd_through_the_fallback(gen):
     dense_reference(*ref, is_causal=True)[0].sum().backward()
     for t, r in zip((q, k, v), ref, strict=True):
         torch.testing.assert_close(t.grad.double(), r.grad, atol=1e-5, rtol=1e-4)
+
+
+def _general_path_recorder(monkeypatch) -> list:
+    """Record the calls that reach `fallback.attention`, the general path (it still runs them)."""
+    calls = []
+    general = fallback.attention
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return general(*args, **kwargs)
+
+    monkeypatch.setattr(fallback, "attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("heads_q, heads_kv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_plain_calls_go_straight_to_sdpa_with_the_general_paths_bits(
+    layout, heads_q, heads_kv, is_causal, gen, monkeypatch
+):
+    # The call `auto` most often leaves to PyTorch attention (no mask, LSE or dropout; causal only when square)
+    # skips the general path's host work, and must give exactly what that path gives.
+    q, k, v = make_qkv(2, heads_q, 40, 64, heads_kv=heads_kv, layout=layout, generator=gen)
+    hnd = [t.transpose(1, 2) if layout == "NHD" else t for t in (q, k, v)]
+    problem = Problem(2, heads_q, heads_kv, 40, 40, 64, layout)
+    general, _ = fallback.attention(*hnd, problem, is_causal=is_causal, scale=0.1, attn_mask=None, return_lse=False)
+    calls = _general_path_recorder(monkeypatch)
+    out = sageattn(q, k, v, is_causal=is_causal, tensor_layout=layout, scale=0.1)
+    assert calls == []
+    assert out.is_contiguous() and out.shape == q.shape
+    torch.testing.assert_close(out, general.transpose(1, 2) if layout == "NHD" else general, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["causal, fewer keys", "causal, more keys", "mask", "lse", "dropout", "empty batch", "no keys"],
+)
+def test_other_calls_take_the_general_path(case, gen, monkeypatch):
+    batch, seq_q, seq_kv = (
+        (0 if case == "empty batch" else 2),
+        30,
+        {"causal, fewer keys": 20, "no keys": 0}.get(case, 40),
+    )
+    if case == "causal, more keys":
+        seq_q = 20
+    q, k, v = make_qkv(batch, 4, seq_q, 64, seq_kv=seq_kv, generator=gen)
+    kwargs = {
+        "mask": {"attn_mask": torch.ones(seq_q, seq_kv, dtype=torch.bool)},
+        "lse": {"return_lse": True},
+        "dropout": {"dropout_p": 0.5},
+    }.get(case, {"is_causal": case.startswith("causal")})
+    calls = _general_path_recorder(monkeypatch)
+    sageattn(q, k, v, **kwargs)
+    assert len(calls) == 1
 
 
 # --- on a GPU: PyTorch's CUDA backends (flash, memory-efficient, cuDNN) must keep the same conventions ------

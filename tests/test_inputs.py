@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from comfy_sage import sageattn
-from comfy_sage._inputs import Problem, causal_visible, check_qkv, check_sm_scale
+from comfy_sage._inputs import Problem, causal_visible, check_qkv, check_sm_scale, key_mask_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -266,3 +266,28 @@ def test_causal_visible_is_bottom_right():
     assert visible.tolist() == [[True, True, True, False], [True, True, True, True]]
     visible = causal_visible(torch.arange(4), torch.arange(2), 4, 2)
     assert visible.tolist() == [[False, False], [False, False], [True, False], [True, True]]
+
+
+@pytest.mark.parametrize(
+    "shape, rows",
+    [
+        ((2, 1, 1, 9), 2),
+        ((1, 1, 1, 9), 1),
+        ((1, 1, 9), 1),
+        ((1, 9), 1),
+        ((9,), 1),
+        ((2, 4, 1, 9), None),  # per head
+        ((2, 1, 5, 9), None),  # per query row
+        ((1, 5, 9), None),
+        ((5, 9), None),
+        ((3, 1, 1, 9), None),  # neither the batch nor 1
+        ((2, 1, 1, 1), None),  # one value for every key: not per key
+        ((4, 1, 9), None),  # 3-D is [heads, N_q, N_kv]: per head
+    ],
+)
+def test_key_mask_rows(shape, rows):
+    assert key_mask_rows(torch.zeros(shape), batch=2, seq_kv=9) == rows
+
+
+def test_key_mask_rows_with_one_key():
+    assert key_mask_rows(torch.zeros(2, 1, 1, 1), batch=2, seq_kv=1) == 2

@@ -4,6 +4,8 @@ GPU (tests/gpu)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -16,8 +18,13 @@ from comfy_sage.modes import QUANTIZED_MODES, Mode
 def recorded(monkeypatch):
     calls = []
 
-    def fake(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family):
-        calls.append(dict(q=q, layout=layout, qk_bits=qk_bits, pv=pv, causal=is_causal, scale=sm_scale, family=family))
+    def fake(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family, key_bias):
+        calls.append(
+            dict(
+                q=q, layout=layout, qk_bits=qk_bits, pv=pv, causal=is_causal, scale=sm_scale, family=family,
+                key_bias=key_bias,
+            )
+        )  # fmt: skip
         return torch.zeros_like(q), q.new_zeros((0,), dtype=torch.float32)
 
     monkeypatch.setattr(torch.ops.comfy_sage, "attention", fake, raising=False)
@@ -40,6 +47,38 @@ def test_family_reaches_the_op(recorded):
     q = k = v = torch.randn(1, 8, 2, 64, dtype=torch.float16)
     ops.attention(q, k, v, "HND", Mode.INT8_FP8, family="sm90", is_causal=False, scale=0.1, return_lse=False)
     assert recorded[0]["family"] == 90
+
+
+def test_key_bias_reaches_the_op(recorded):
+    q = k = v = torch.randn(1, 8, 2, 64, dtype=torch.float16)
+    bias = ops.key_bias(torch.tensor([True, False]), 1, 2)
+    ops.attention(q, k, v, "HND", Mode.INT8_FP8, is_causal=False, scale=0.1, return_lse=False, key_bias=bias)
+    ops.attention(q, k, v, "HND", Mode.INT8_FP8, is_causal=False, scale=0.1, return_lse=False)
+    assert recorded[0]["key_bias"] is bias and recorded[1]["key_bias"] is None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_key_bias_from_bool_and_additive_masks(rows):
+    # The kernel adds the bias to log2-domain scores: an additive mask times log2(e), a bool mask 0 or −inf; the
+    # row is padded with −inf to a multiple of every kernel's K block (128), and a flag per 64 keys says whether
+    # any of them has a bias.
+    keep = torch.rand(rows, 1, 1, 200, generator=torch.Generator().manual_seed(0)) > 0.4
+    keep[..., :64] = True  # the first 64 keys: no bias, flag 0
+    out = ops.key_bias(keep, rows, 200)
+    assert out.shape == (rows, 256 + 4) and out.dtype == torch.float32 and out.is_contiguous()  # 4 flags
+    bias, flags = out[:, :256], out[:, 256:]
+    assert torch.equal(bias[:, :200], torch.where(keep.reshape(rows, 200), 0.0, -math.inf))
+    assert (bias[:, 200:] == -math.inf).all()
+    assert torch.equal(flags, torch.tensor([[0.0, 1.0, 1.0, 1.0]] * rows))
+
+    additive = torch.randn(rows, 1, 1, 200, dtype=torch.bfloat16)
+    additive[..., 5] = -torch.finfo(torch.bfloat16).max  # ComfyUI's padding value: stays finite
+    additive[..., 6] = -math.inf
+    bias = ops.key_bias(additive, rows, 200)[:, :256]
+    assert ops.key_bias(keep[..., :100], rows, 100).shape == (rows, 128 + 4)  # 2 flags, padded to 4
+    expected = additive.reshape(rows, 200).float() * math.log2(math.e)
+    torch.testing.assert_close(bias[:, 7:200], expected[:, 7:])
+    assert (bias[:, 5] == ops.FINITE_BIAS_FLOOR).all() and (bias[:, 6] == -math.inf).all()
 
 
 def test_float32_runs_in_bfloat16_and_returns_float32(recorded):

@@ -17,6 +17,8 @@ Pipeline (../shared/design/ALGORITHM.md):
    int32 accumulator of the whole row is shifted right by k (floor; k capped at 31) before each block's
    exact integer P̂·V̂ is added: no float accumulator, no conversion per block.
 7. O / l · δV (+ v̄); causal masking is bottom-right aligned; rows that see no key give 0 (LSE −inf).
+A key mask (one value per key for every head and query row, as text-padding masks are) is added to S in the
+log2 domain after step 3's dequantization, as the mma.sync kernels add it (`ops.key_bias`).
 
 Memory is bounded by the tile sizes: Q rows are processed in chunks whose S tile stays under
 `max_tile_elements`, so N = 32k runs on a CPU without materializing N × N.
@@ -29,8 +31,18 @@ import math
 
 import torch
 
-from .._inputs import causal_visible, check_layout, check_qkv, check_sm_scale, from_hnd, to_hnd
+from .._inputs import (
+    causal_visible,
+    check_layout,
+    check_mask,
+    check_qkv,
+    check_sm_scale,
+    from_hnd,
+    key_mask_rows,
+    to_hnd,
+)
 from ..modes import QUANTIZED_MODES, Mode
+from ..ops import key_bias
 from ..tiling import SM80, Tiling
 from .quant import (
     FP8_MAX,
@@ -71,6 +83,7 @@ def sageattn(
     emulate_fp22: bool = False,
     delta_s: str = "exact",
     max_tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SageAttention2 as the kernels compute it; same conventions as `comfy_sage.sageattn`.
 
@@ -81,6 +94,8 @@ def sageattn(
     emulate_fp22: round the FP8 P·V accumulator to 13 mantissa bits after each `tiling.pv_k` keys.
     delta_s: how Q smoothing's ΔS = q̄·K'ᵀ is computed: "exact" (float32, as the paper describes) or "int8"
         (as the mma.sync kernels do it: q̄ in INT8 with one scale per Q block, K' in INT8 with K's groups).
+    attn_mask: a key mask (bool, True = attend, or additive), [B or 1, 1, 1, N_kv] or fewer leading dimensions of
+        1: as the mma.sync kernels take it. Other masks raise ValueError.
     Returns O in q's dtype and layout, and with `return_lse` also the natural-log LSE [B, H_q, N_q] float32.
     """
     mode = Mode.parse(mode)
@@ -96,6 +111,16 @@ def sageattn(
     layout = check_layout(tensor_layout)
     problem = check_qkv(q, k, v, layout)
     scale = check_sm_scale(sm_scale, problem.head_dim)
+    bias = None
+    if attn_mask is not None:
+        check_mask(attn_mask, problem, is_causal, q.device)
+        rows = key_mask_rows(attn_mask, problem.batch, problem.seq_kv)
+        if rows is None:
+            raise ValueError(
+                "attn_mask must be a key mask ([batch or 1, 1, 1, N_kv]) for the reference; got shape "
+                f"{list(attn_mask.shape)}"
+            )
+        bias = key_bias(attn_mask, rows, problem.seq_kv)[:, : problem.seq_kv]  # the kernels' own values
     if smooth_q is None:
         smooth_q = mode.qk_bits == 4
     with _exact_float32_matmul():
@@ -114,13 +139,14 @@ def sageattn(
             emulate_fp22=emulate_fp22,
             delta_s=delta_s,
             max_tile_elements=max_tile_elements,
+            key_bias=bias,
         )
     out = from_hnd(out.to(q.dtype), layout)
     return (out, lse) if return_lse else out
 
 
 def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, smooth_v, granularity,
-             emulate_fp22, delta_s, max_tile_elements):  # fmt: skip
+             emulate_fp22, delta_s, max_tile_elements, key_bias=None):  # fmt: skip
     b, hq, nq, d = q.shape
     hkv, nkv = k.shape[1], k.shape[2]
     dev = q.device
@@ -183,6 +209,8 @@ def _forward(q, k, v, *, mode, causal, log2_scale, tiling, smooth_q, smooth_k, s
                 blocks = delta_q[:, :, r0 // tiling.block_q : -(-r1 // tiling.block_q)]
                 delta = blocks @ delta_k[:, :, c0:c1].transpose(-1, -2)
                 s = s + delta.repeat_interleave(tiling.block_q, 2)[:, :, : r1 - r0]
+            if key_bias is not None:  # [B or 1, N_kv], log2 domain
+                s = s + key_bias[:, None, None, c0:c1]
             if causal:
                 visible = causal_visible(rows, torch.arange(c0, c1, device=dev), nq, nkv)
                 s = s.masked_fill(~visible, -math.inf)

@@ -11,6 +11,7 @@ namespace comfy_sage {
 constexpr int kSm80BlockQ = 128;
 constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
+constexpr int kKeyBiasAlign = 128;  // AttentionArgs::key_bias_width's multiple
 constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
 // The wgmma family's tile (comfy_sage/tiling.py SM90): consumer warpgroups of 64 Q rows (warps of 16), four
@@ -92,6 +93,14 @@ struct AttentionArgs {
   Shape shape;
   QuantBuffers buf;
   float* lse;  // [B, Hq, seq_q] or null
+  // A key mask as an additive bias on the log2-domain scores, one value per key (−inf: the key is masked out),
+  // the same for every head and query row; null without one (the mma.sync kernel only). Rows of [B or 1] float32
+  // (key_bias_batch_stride 0 where one row serves the whole batch): key_bias_width = seq_kv rounded up to
+  // kKeyBiasAlign values (−inf past seq_kv), then one flag per kSm80BlockK keys, 1 where any of its values is
+  // not 0, their count rounded up to 4 (rows stay 16-byte aligned; comfy_sage/ops.py key_bias).
+  const float* key_bias;
+  int64_t key_bias_batch_stride;
+  int key_bias_width;
   float sm_scale;
   bool causal;
   int qk_bits;  // 8 or 4

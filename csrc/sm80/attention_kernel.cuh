@@ -5,7 +5,9 @@
 //   S = Q̂·K̂ᵀ on INT8 (m16n8k32) or INT4 (m16n8k64) tensor cores, dequantized with one multiply: every
 //   element a lane holds shares one Q scale (its rows g, g+8) and one K scale (its columns 2t, 2t+1 of
 //   each n-tile); INT4 adds Q smoothing's ΔS = q̄·K'ᵀ (one row per CTA, see below);
-//   masking (key padding, bottom-right causal), online softmax in base 2 (softmax.cuh);
+//   masking (key padding, bottom-right causal, and with kKeyBias a caller's key mask: a per-key bias staged
+//   through shared memory with each K block, added only in the blocks whose flag says they have one, so the
+//   others run the plain kernel's code), online softmax in base 2 (softmax.cuh);
 //   O += P̃·V: FP8 (m16n8k32, P̃ packed straight from the S registers thanks to V's token permutation, each
 //   block's product in a fresh accumulator added into fp32: the two-level accumulation), INT8 (m16n8k32
 //   u8·s8, the same packing and V layout, accumulated exactly in int32 across blocks: the integer row max
@@ -33,7 +35,7 @@
 
 namespace comfy_sage {
 
-template <int kQkBits, int kDim, PvType kPv>
+template <int kQkBits, int kDim, PvType kPv, bool kKeyBias = false>
 struct Sm80Traits {
   // Head dim 256 halves the Q block (4 warps) so the tiles still fit 99 KB of shared memory.
   static constexpr int kBlockQ = sm80_block_q(kDim);
@@ -51,8 +53,11 @@ struct Sm80Traits {
   static constexpr int kQBytes = kBlockQ * kQkRow;
   static constexpr int kKBytes = kBlockK * kQkRow + (kSmoothQ ? kBlockK * kK8Row : 0);
   static constexpr int kVBytes = kVRows * kVRow;
+  // The K block's key bias (float32) and 16 bytes of flags holding its own (AttentionArgs::key_bias).
+  static constexpr int kBiasBytes = kKeyBias ? kBlockK * 4 + 16 : 0;
+  static_assert(!kKeyBias || kQkBits == 8, "key masks are compiled for INT8 Q·Kᵀ only");
   // K/V double-buffered where two stages fit 99 KB; otherwise (head dim 256 but INT8 + 8-bit P·V) one stage.
-  static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes) + kBlockK * 4 <= 99 * 1024 ? 2 : 1;
+  static constexpr int kStages = kQBytes + 2 * (kKBytes + kVBytes + kBiasBytes) + kBlockK * 4 <= 99 * 1024 ? 2 : 1;
   static constexpr int kDeltaBytes = kSmoothQ ? kBlockK * 4 : 0;  // ΔS of the current K block
   // Head dim 256: a lane's 128 fp32 O accumulators leave too few of the 255 registers for the rest (ptxas
   // spilled 48-108 bytes), so the kernel takes register-lean forms there (kLean's uses); the smaller head
@@ -64,7 +69,8 @@ struct Sm80Traits {
   static constexpr bool kLeanLoads = kLean && kStages == 1;
   static constexpr int kQMeanBytes = kSmoothQ && kLean ? kDim : 0;  // INT4's q̄ in INT8, for ldmatrix
   static constexpr int kQMeanOffset = kQBytes + kStages * (kKBytes + kVBytes) + kDeltaBytes;
-  static constexpr int kSmemBytes = kQMeanOffset + kQMeanBytes;
+  static constexpr int kBiasOffset = kQMeanOffset + kQMeanBytes;  // kStages stages of kBiasBytes
+  static constexpr int kSmemBytes = kBiasOffset + kStages * kBiasBytes;
   static constexpr int kSTiles = kBlockK / 8;  // n-tiles of S per warp
   static constexpr int kOTiles = kDim / 8;     // n-tiles of O per warp
   // Two CTAs per SM (16 warps) hide the mma.sync and exp2 latencies that one CTA's 8 warps leave exposed
@@ -114,9 +120,10 @@ __device__ __forceinline__ void load_tile(uint8_t* dst, const uint8_t* src, int6
   }
 }
 
-template <int kQkBits, int kDim, PvType kPv>
-__global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_attention_kernel(const AttentionArgs a) {
-  using Tr = Sm80Traits<kQkBits, kDim, kPv>;
+template <int kQkBits, int kDim, PvType kPv, bool kKeyBias = false>
+__global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv, kKeyBias>::kMaxRegs))
+    sm80_attention_kernel(const AttentionArgs a) {
+  using Tr = Sm80Traits<kQkBits, kDim, kPv, kKeyBias>;
   constexpr bool kIntPv = kPv == PvType::kInt8;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* s_q = smem;
@@ -124,6 +131,7 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_att
   auto s_k8 = [&](int stage) { return s_k(stage) + Tr::kBlockK * Tr::kQkRow; };  // INT4 only
   auto s_v = [&](int stage) { return smem + Tr::kQBytes + Tr::kStages * Tr::kKBytes + stage * Tr::kVBytes; };
   float* s_delta = reinterpret_cast<float*>(smem + Tr::kQBytes + Tr::kStages * (Tr::kKBytes + Tr::kVBytes));
+  auto s_bias = [&](int stage) { return reinterpret_cast<float*>(smem + Tr::kBiasOffset + stage * Tr::kBiasBytes); };
 
   const Shape& s = a.shape;
   const int num_q_blocks = s.padded_q / Tr::kBlockQ;
@@ -144,6 +152,9 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_att
   const int8_t* gk8 = a.buf.k8 + static_cast<int64_t>(bhkv) * s.padded_kv * kDim;  // INT4 only
   const uint8_t* gv = static_cast<const uint8_t*>(a.buf.v) +
                       static_cast<int64_t>(bhkv) * s.padded_kv * kDim * (Tr::kV8 ? 1 : 2);
+  const float* gbias = kKeyBias ? a.key_bias + b * a.key_bias_batch_stride : nullptr;
+  const float* gbias_flags = kKeyBias ? gbias + a.key_bias_width : nullptr;  // one per K block: any bias ≠ 0
+  auto s_bias_flags = [&](int stage) { return s_bias(stage) + Tr::kBlockK; };
 
   // ---- loads ----
   auto load_kv = [&](int kb, int stage) {
@@ -159,6 +170,11 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_att
     } else {  // V: kBlockK token rows of 2·kDim bytes
       load_tile<Tr::kBlockK, 2 * kDim, Tr::kVRow, Tr::kThreads, Tr::kLeanLoads>(
           s_v(stage), gv + static_cast<int64_t>(kb) * Tr::kBlockK * kDim * 2, 2 * kDim);
+    }
+    if constexpr (kKeyBias) {  // padded with −inf to padded_kv: always in bounds; the flags padded to 4 as well
+      load_tile<1, Tr::kBlockK * 4, Tr::kBlockK * 4, Tr::kThreads>(
+          reinterpret_cast<uint8_t*>(s_bias(stage)), reinterpret_cast<const uint8_t*>(gbias + kb * Tr::kBlockK), 0);
+      if (threadIdx.x == Tr::kThreads - 1) cp_async_16(smem_addr(s_bias_flags(stage)), gbias_flags + (kb & ~3));
     }
   };
   load_tile<Tr::kBlockQ, Tr::kQkBytes, Tr::kQkRow, Tr::kThreads, Tr::kLeanLoads>(
@@ -283,6 +299,16 @@ __global__ void __maxnreg__((Sm80Traits<kQkBits, kDim, kPv>::kMaxRegs)) sm80_att
       for (int e = 0; e < 4; ++e) {
         sf[n][e] = Tr::kSmoothQ ? fmaf(static_cast<float>(acc[n][e]), scale, s_delta[8 * n + 2 * t + (e & 1)])
                                 : static_cast<float>(acc[n][e]);
+      }
+    }
+    const bool biased = kKeyBias && s_bias_flags(stage)[kb & 3] != 0.f;
+    if (biased) {  // the scores are unscaled here: the bias enters divided by the scale
+      const float inv_scale = __frcp_rn(scale);
+#pragma unroll
+      for (int n = 0; n < Tr::kSTiles; ++n) {
+        const float2 bias = *reinterpret_cast<const float2*>(s_bias(stage) + 8 * n + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sf[n][e] = fmaf((e & 1) ? bias.y : bias.x, inv_scale, sf[n][e]);
       }
     }
     if (needs_mask) {

@@ -11,32 +11,42 @@
 namespace comfy_sage {
 namespace {
 
-// Every compiled variant: X(Q·Kᵀ bits, head dim, P·V type). The output type (fp16/bf16) is a run-time
-// switch in the epilogue, not a template axis. This is the one list of what gets compiled.
+// Every compiled variant: X(Q·Kᵀ bits, head dim, P·V type, key mask). The output type (fp16/bf16) is a run-time
+// switch in the epilogue, not a template axis. Key masks (a per-key bias, AttentionArgs::key_bias) are compiled
+// for INT8 Q·Kᵀ. This is the one list of what gets compiled.
 #define COMFY_SAGE_SM80_VARIANTS(X) \
-  X(8, 64, kFp8)                    \
-  X(8, 64, kFp16)                   \
-  X(8, 64, kInt8)                   \
-  X(8, 128, kFp8)                   \
-  X(8, 128, kFp16)                  \
-  X(8, 128, kInt8)                  \
-  X(8, 256, kFp8)                   \
-  X(8, 256, kFp16)                  \
-  X(8, 256, kInt8)                  \
-  X(4, 64, kFp8)                    \
-  X(4, 64, kFp16)                   \
-  X(4, 128, kFp8)                   \
-  X(4, 128, kFp16)                  \
-  X(4, 256, kFp8)                   \
-  X(4, 256, kFp16)
+  X(8, 64, kFp8, false)     \
+  X(8, 64, kFp16, false)    \
+  X(8, 64, kInt8, false)    \
+  X(8, 128, kFp8, false)    \
+  X(8, 128, kFp16, false)   \
+  X(8, 128, kInt8, false)   \
+  X(8, 256, kFp8, false)    \
+  X(8, 256, kFp16, false)   \
+  X(8, 256, kInt8, false)   \
+  X(4, 64, kFp8, false)     \
+  X(4, 64, kFp16, false)    \
+  X(4, 128, kFp8, false)    \
+  X(4, 128, kFp16, false)   \
+  X(4, 256, kFp8, false)    \
+  X(4, 256, kFp16, false)   \
+  X(8, 64, kFp8, true)      \
+  X(8, 64, kFp16, true)     \
+  X(8, 64, kInt8, true)     \
+  X(8, 128, kFp8, true)     \
+  X(8, 128, kFp16, true)    \
+  X(8, 128, kInt8, true)    \
+  X(8, 256, kFp8, true)     \
+  X(8, 256, kFp16, true)    \
+  X(8, 256, kInt8, true)
 
-template <int kQkBits, int kDim, PvType kPv>
+template <int kQkBits, int kDim, PvType kPv, bool kKeyBias>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
-  using Tr = Sm80Traits<kQkBits, kDim, kPv>;
-  const cudaError_t err = allow_smem<sm80_attention_kernel<kQkBits, kDim, kPv>>(Tr::kSmemBytes);
+  using Tr = Sm80Traits<kQkBits, kDim, kPv, kKeyBias>;
+  const cudaError_t err = allow_smem<sm80_attention_kernel<kQkBits, kDim, kPv, kKeyBias>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid(a.shape.padded_q / Tr::kBlockQ, a.shape.heads_q, a.shape.batch);
-  sm80_attention_kernel<kQkBits, kDim, kPv><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
+  sm80_attention_kernel<kQkBits, kDim, kPv, kKeyBias><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -54,8 +64,11 @@ bool sm80_runs_on_current_device() {
 cudaError_t run_sm80_attention(const AttentionArgs& a, cudaStream_t stream) {
   cudaError_t err = launch_quantize(a, stream);
   if (err != cudaSuccess || a.shape.seq_q == 0) return err;
-#define COMFY_SAGE_DISPATCH(BITS, D, PV) \
-  if (a.qk_bits == BITS && a.shape.padded_dim == D && a.pv == PvType::PV) return launch<BITS, D, PvType::PV>(a, stream);
+  const bool key_bias = a.key_bias != nullptr;
+#define COMFY_SAGE_DISPATCH(BITS, D, PV, KB)                                                       \
+  if (a.qk_bits == BITS && a.shape.padded_dim == D && a.pv == PvType::PV && key_bias == KB) { \
+    return launch<BITS, D, PvType::PV, KB>(a, stream);                                         \
+  }
   COMFY_SAGE_SM80_VARIANTS(COMFY_SAGE_DISPATCH)
 #undef COMFY_SAGE_DISPATCH
   return cudaErrorInvalidValue;

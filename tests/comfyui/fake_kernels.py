@@ -1,9 +1,9 @@
 """Stand-in kernels for machines without them (no pytest here: the real-ComfyUI script uses it too).
 
-`FakeKernels.plan` answers as an sm_89 GPU with the kernels would: masks and head dims outside 32..128 (or
-not a multiple of 8) fall back, everything else runs a kernel; with `min_tokens` set, `auto` leaves calls with
-fewer query or key tokens to PyTorch attention as the faster, as Hopper's does. It records the token counts
-it is asked about. `FakeKernels.sageattn` computes exact
+`FakeKernels.plan` answers as an sm_89 GPU with the kernels would: masks other than key masks and head dims
+outside 32..128 (or not a multiple of 8) fall back, everything else runs a kernel; with `min_tokens` set, `auto`
+leaves calls with fewer query or key tokens to PyTorch attention as the faster, as Hopper's does. It records the
+token counts it is asked about. `FakeKernels.sageattn` computes exact
 attention in float64 (or, with `quantized`, the reference's SageAttention2) and records each call;
 `poison` > 0 makes that many next calls return NaN. `install` puts both into `comfy_sage.comfyui`.
 """
@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from comfy_sage import comfyui, reference
+from comfy_sage import comfyui, dispatch, reference
 from comfy_sage.dispatch import KernelSpec, Plan
 from comfy_sage.modes import Mode
 from comfy_sage.tiling import SM80
 
 
 class FakeKernels:
-    MASK_REASON = "falls back to PyTorch attention: attn_mask is not supported by the kernels"
+    MASK_REASON = f"falls back to PyTorch attention: {dispatch.MASK_REASON}"
 
     def __init__(self, quantized: bool = False):
         self.quantized = quantized
@@ -44,7 +44,7 @@ class FakeKernels:
             return Plan(requested=mode, mode=Mode.SDPA, kernel=None, reason=self.FEW_TOKENS_REASON, faster=True)
         return Plan(requested=mode, mode=resolved, kernel=KernelSpec("sm80", resolved, SM80))
 
-    def sageattn(self, q, k, v, *, tensor_layout, sm_scale, mode):
+    def sageattn(self, q, k, v, attn_mask=None, *, tensor_layout, sm_scale, mode):
         self.calls.append(
             {
                 "layout": tensor_layout,
@@ -53,15 +53,19 @@ class FakeKernels:
                 "q": tuple(q.shape),
                 "k": tuple(k.shape),
                 "dtype": q.dtype,
+                "mask": attn_mask,
             }
         )
         if self.quantized:
             resolved = Mode.INT8_FP8 if mode is Mode.AUTO else mode
-            out = reference.sageattn(q, k, v, mode=resolved, tensor_layout=tensor_layout, sm_scale=sm_scale)
+            out = reference.sageattn(
+                q, k, v, mode=resolved, tensor_layout=tensor_layout, sm_scale=sm_scale, attn_mask=attn_mask
+            )
         else:
             qh, kh, vh = (t if tensor_layout == "HND" else t.transpose(1, 2) for t in (q, k, v))
+            mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
             out = F.scaled_dot_product_attention(
-                qh.double(), kh.double(), vh.double(), scale=sm_scale, enable_gqa=qh.shape[1] != kh.shape[1]
+                qh.double(), kh.double(), vh.double(), mask, scale=sm_scale, enable_gqa=qh.shape[1] != kh.shape[1]
             ).to(q.dtype)
             out = out if tensor_layout == "HND" else out.transpose(1, 2)
         if self.poison > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -38,6 +39,8 @@ def expected(q, k, v, heads, mask=None, skip_reshape=False, skip_output_reshape=
     if mask is not None:
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 3 else mask
         mask = mask.unsqueeze(1) if mask.dim() == 3 else mask
+        # In float64 (SDPA on the CPU gave float64 inputs with a float32 mask a wrong result, torch 2.13).
+        mask = mask if mask.dtype == torch.bool else mask.double()
     out = F.scaled_dot_product_attention(
         qh.double(), kh.double(), vh.double(), attn_mask=mask, scale=scale, enable_gqa=qh.shape[1] != kh.shape[1]
     ).to(q.dtype)
@@ -103,7 +106,37 @@ def test_masks_run_pytorch_attention_and_log_once(hooks, kernels, caplog, mask_s
     torch.testing.assert_close(out, expected(q, k, v, 4, mask), rtol=1e-5, atol=1e-5)
     assert attention.CALLS == {"pytorch": 3} and not kernels.calls
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "attn_mask is not supported" in lines[0] and "ComfyUI's PyTorch attention" in lines[0]
+    assert len(lines) == 1 and "key masks only" in lines[0] and "ComfyUI's PyTorch attention" in lines[0]
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 40), (2, 1, 40), (1, 40), (2, 1, 1, 40)])
+@pytest.mark.parametrize("skip_reshape", [False, True])
+def test_key_masks_run_the_kernel(hooks, kernels, caplog, mask_shape, skip_reshape):
+    # HunyuanVideo-style text padding: one additive value per key (0, or -finfo.max on padding), [1, 1, n_kv];
+    # ComfyUI's attention_pytorch gives 2-D and 3-D masks batch and heads dimensions as it hands them to SDPA.
+    model = patched(hooks)
+    q, k, v = make_qkv(skip_reshape, m=40)
+    mask = torch.zeros(mask_shape)
+    mask[..., 30:] = -torch.finfo(torch.float32).max
+    mask[-1, ..., 25:] = -torch.finfo(torch.float32).max  # the last batch row (where there is one) pads more
+    with caplog.at_level(logging.INFO, logger="comfy_sage"):
+        out = attend(model, q, k, v, 4, mask, skip_reshape=skip_reshape)
+    torch.testing.assert_close(out, expected(q, k, v, 4, mask, skip_reshape=skip_reshape), rtol=1e-5, atol=1e-5)
+    assert attention.CALLS == {} and len(kernels.calls) == 1 and not caplog.records
+    sent = kernels.calls[0]["mask"]
+    rows = mask_shape[0] if len(mask_shape) > 2 else 1
+    assert sent.shape == (rows, 1, 1, 40) and torch.equal(sent.reshape(rows, 40), mask.reshape(rows, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, None])
+def test_key_masks_the_kernels_cannot_take_run_pytorch_attention(hooks, kernels, dtype):
+    # An integer mask (SDPA rejects it too) and a mask of a batch the call does not have.
+    model = patched(hooks)
+    q, k, v = make_qkv(False, m=40)
+    mask = torch.zeros((1, 1, 40), dtype=dtype) if dtype else torch.zeros((3, 1, 40))
+    with contextlib.suppress(RuntimeError):  # PyTorch's own verdict on the mask: what matters is who was asked
+        attend(model, q, k, v, 4, mask)
+    assert attention.CALLS == {"pytorch": 1} and not kernels.calls
 
 
 @pytest.mark.parametrize("head_dim", [16, 160, 256])

@@ -114,12 +114,15 @@ def check(mode, d, causal, layout, gqa, dtype, nq, nkv, batch=1, kind="normal", 
 
 def check_opcheck(family: str) -> None:
     """`torch.library.opcheck` of the attention op run by kernel `family` ("sm80" or "sm90"): schema, fake
-    kernel and autograd registration, with and without the LSE and the causal mask."""
+    kernel and autograd registration, with and without the LSE and the causal mask, and the key mask."""
     q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=130, nkv=70, d=64, dtype=torch.float16, layout="HND")
     for layout, causal, lse in ((0, False, True), (0, True, False)):
         for pv in ("fp8", "int8"):
             args = (q, k, v, layout, 8, ops.PV_CODES[pv], causal, 0.125, lse, ops.FAMILY_CODES[family])
             torch.library.opcheck(torch.ops.comfy_sage.attention.default, args)
+            if family == "sm80" and not causal:  # with a key mask (the mma.sync kernel's only)
+                bias = ops.key_bias(torch.rand(1, 70, device=q.device) > 0.3, 1, 70)
+                torch.library.opcheck(torch.ops.comfy_sage.attention.default, (*args, bias))
 
 
 def check_compile() -> None:

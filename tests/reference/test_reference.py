@@ -573,7 +573,13 @@ def test_cuda_matches_cpu(mode: str) -> None:
             # move an FP8 rounding: differences far below the quantization error.
             drift = reference.relative_l1(gpu_out.cpu(), cpu_out)
             assert drift < 1e-3, f"{what}: CUDA vs CPU rel L1 {drift:.2e}"
-            torch.testing.assert_close(gpu_lse.cpu(), cpu_lse, rtol=1e-5, atol=1e-5, msg=what)
+            # The LSE adds terms of ~50-90 (the row max, q·k̄ from K smoothing) that cancel to values near 0 in
+            # some rows, so its float32 rounding is absolute (up to 1.0e-4 measured on an H100); and K's mean,
+            # summed in another order, can move a K value across a rounding boundary of its quantization, which
+            # moves a score by one quantization step (5.2e-3 seen once in ~60 cases).
+            lse_drift = (gpu_lse.cpu() - cpu_lse).nan_to_num(0.0).abs().max().item()
+            assert torch.equal(gpu_lse.cpu().isinf(), cpu_lse.isinf()), what
+            assert lse_drift < 2e-2, f"{what}: CUDA vs CPU LSE max abs difference {lse_drift:.2e}"
             assert torch.backends.cuda.matmul.allow_tf32 is True, "the reference did not restore the TF32 flag"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved

@@ -1,0 +1,141 @@
+"""Key masks (one value per key for every head and query row, as the text-padding masks of HunyuanVideo-style
+models are) on the mma.sync kernel: poisoned outputs against the reference given the same mask, and against
+PyTorch's attention with it (see kernel_checks.py for the criterion)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from kernel_checks import inputs, poisoned, seed
+
+import comfy_sage
+from comfy_sage import api, dispatch, reference
+from comfy_sage.modes import Mode
+from comfy_sage.tiling import sm80_tiling
+
+MODES = (Mode.INT8_FP8, Mode.INT8_FP16, Mode.INT8_INT8)
+# (N_q, N_kv): lengths that are not multiples of the 64-key block, a single key, N_q ≠ N_kv both ways.
+LENGTHS = ((77, 77), (1000, 1000), (300, 1000), (1000, 300), (129, 1))
+# A mask's shape for batch b and N_kv keys, as callers pass them: per batch entry, or one row for all.
+SHAPES = {
+    "[B,1,1,N]": lambda b, n: (b, 1, 1, n),
+    "[1,1,1,N]": lambda b, n: (1, 1, 1, n),
+    "[1,1,N]": lambda b, n: (1, 1, n),
+    "[1,N]": lambda b, n: (1, n),
+}
+
+
+def key_mask(s: int, shape: tuple, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask on the GPU, the keys it keeps as bool): about 30% of the keys masked, the first kept unless the
+    mask has a batch row of its own for entry 1, which then masks every key (its rows must give 0)."""
+    g = torch.Generator().manual_seed(s)
+    keep = torch.rand(shape, generator=g) > 0.3
+    keep[..., 0] = True
+    if shape[0] > 1:
+        keep[1] = False
+    if kind == "bool":
+        mask = keep
+    else:  # additive: small biases on the kept keys, ComfyUI's -finfo.max padding on the others (-inf on an
+        # entry that sees no key: with finite values everywhere PyTorch averages V there)
+        bias = torch.randn(shape, generator=g) * 0.5
+        mask = bias.masked_fill(~keep, -torch.finfo(dtype).max)
+        if shape[0] > 1:
+            mask[1] = -math.inf
+        mask = mask.to(dtype)
+    return mask.cuda(), keep.cuda()
+
+
+def check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, *, batch=2, causal=False):
+    s = seed()
+    # Enough heads for an output over 1 MB: the caching allocator serves it from its large pool, where the
+    # poisoned block waits, and the small key-bias buffers the call builds first from the small one.
+    heads_kv = max(2, math.ceil(1.1 * 2**20 / (batch * gqa * nq * d * 2)))
+    q, k, v = inputs(
+        s, heads_q=heads_kv * gqa, heads_kv=heads_kv, nq=nq, nkv=nkv, d=d, dtype=dtype, layout=layout, batch=batch
+    )
+    mask, keep = key_mask(s, SHAPES[shape_name](batch, nkv), kind, dtype)
+    where = f"seed {s}, {mode.value} D={d} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {shape_name} {kind}"
+    plan = api.plan_for(q, k, v, tensor_layout=layout, mode=mode, attn_mask=mask)
+    assert not plan.fallback and plan.kernel.family == "sm80", (plan, where)
+
+    like = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    (out, lse), reused = poisoned(
+        like, comfy_sage.sageattn, q, k, v, attn_mask=mask, mode=mode, tensor_layout=layout, return_lse=True
+    )
+    assert reused, f"the poisoned block was not reused: the check would be blind ({where})"
+    assert torch.isfinite(out).all(), f"unwritten or non-finite output ({where})"
+
+    # The truth: PyTorch's attention in float32 with the same mask (rows that see no key: 0 and an LSE of -inf).
+    f32 = [t.float() for t in (q, k, v)]
+    truth, true_lse = comfy_sage.sageattn(
+        *f32, attn_mask=mask.float() if kind != "bool" else mask, mode="sdpa", tensor_layout=layout, return_lse=True
+    )
+    ref, ref_lse = reference.sageattn(
+        q, k, v, mode=plan.mode, tensor_layout=layout, tiling=sm80_tiling(d), delta_s="int8", return_lse=True,
+        attn_mask=mask,
+    )  # fmt: skip
+    err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
+    assert err <= 1.5 * ref_err + 1e-3, f"kernel rel L1 {err:.5f} vs reference {ref_err:.5f} ({where})"
+    seen = torch.isfinite(true_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.equal(torch.isfinite(ref_lse), seen), where
+    lse_err = (lse[seen].double() - true_lse[seen].double()).abs().mean()
+    ref_lse_err = (ref_lse[seen].double() - true_lse[seen].double()).abs().mean()
+    assert lse_err <= 1.5 * ref_lse_err + 1e-3, f"LSE error {lse_err:.5f} vs reference {ref_lse_err:.5f} ({where})"
+    if keep.shape[0] > 1:  # batch entry 1 sees no key
+        rows = out[1]
+        assert (rows == 0).all() and (lse[1] == -math.inf).all(), where
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@pytest.mark.parametrize("nq,nkv", LENGTHS, ids=lambda x: str(x))
+def test_key_masks_match_the_reference(mode, nq, nkv):
+    """Every mode × length, across head dims × layouts × mask shapes and kinds, GQA and the dtype alternating."""
+    combos = itertools.product((64, 128, 256, 80), ("HND", "NHD"), SHAPES, ("bool", "additive"))
+    for i, (d, layout, shape_name, kind) in enumerate(combos):
+        if i % 3:  # a third of the 64 combinations per case, a different third each case
+            continue
+        gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
+        check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind)
+
+
+def test_an_all_true_mask_gives_the_unmasked_bits():
+    """A bias of 0 on every key changes no score: every K block's flag is 0, so it runs the unmasked code and
+    gives the same bits as the call without a mask."""
+    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=700, nkv=900, d=128, dtype=torch.bfloat16, layout="HND")
+    keep = torch.ones(1, 1, 1, 900, dtype=torch.bool, device="cuda")
+    for mode in MODES:
+        with dispatch.prefer_family("sm80"):
+            plain = comfy_sage.sageattn(q, k, v, mode=mode)
+        masked = comfy_sage.sageattn(q, k, v, attn_mask=keep, mode=mode)
+        assert torch.equal(masked, plain), mode
+
+
+def test_masked_keys_do_not_count():
+    """Keys a mask takes out change nothing, whatever their values: K and V of the masked keys replaced by
+    large random values give the same output within the quantization's reach (their values still enter K's
+    mean and V's scales, as in the reference)."""
+    s = seed()
+    q, k, v = inputs(s, heads_q=4, heads_kv=4, nq=500, nkv=640, d=128, dtype=torch.float16, layout="HND")
+    keep = torch.ones(640, dtype=torch.bool, device="cuda")
+    keep[400:] = False  # text padding: the tail
+    mask = keep[None, None, None, :]
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 400:] = torch.randn_like(k2[:, :, 400:]) * 30
+    v2[:, :, 400:] = torch.randn_like(v2[:, :, 400:]) * 30
+    truth = reference.exact.attention(q[:, :, :, :], k[:, :, :400], v[:, :, :400])
+    for mode in MODES:
+        out = comfy_sage.sageattn(q, k2, v2, attn_mask=mask, mode=mode)
+        ref = reference.sageattn(q, k2, v2, mode=mode, tiling=sm80_tiling(128), delta_s="int8", attn_mask=mask)
+        err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
+        assert err <= 1.5 * ref_err + 1e-3, f"seed {s} {mode.value}: {err:.5f} vs reference {ref_err:.5f}"
+
+
+def test_other_masks_still_run_pytorch_attention():
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=64, nkv=96, d=64, dtype=torch.float16, layout="HND")
+    per_row = torch.rand(64, 96, device="cuda") > 0.3
+    plan = api.plan_for(q, k, v, mode=Mode.INT8_FP8, attn_mask=per_row)
+    assert plan.fallback and dispatch.MASK_REASON in plan.reason
