@@ -47,7 +47,7 @@ HOPPER_AUTO_MIN_TOKENS = 4096
 # Why a call with a mask that is not a key mask (one value per key for every head and query row) falls back.
 MASK_REASON = "the kernels take key masks only (one value per key, the same for every head and query row)"
 # Whether Hopper's `auto` runs calls with a key mask (which the wgmma kernel does not take) on the mma.sync kernel
-# rather than PyTorch's attention.
+# rather than PyTorch's attention: no, the two measured level on an H100 (0.77-1.11×, docs/hopper-notes.md x7).
 HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC = False
 # The kernels' grids carry the query heads in a dimension of at most 65,535 (csrc/binding.cpp runs larger
 # batches in chunks that fit, but cannot split the heads).

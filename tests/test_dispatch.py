@@ -636,7 +636,7 @@ def test_key_masks_with_int4_run_int8_and_say_so(gpu, mode):
 
 def test_key_masks_on_hopper(gpu):
     # The wgmma kernel takes none: explicit modes run the mma.sync kernel, `auto` PyTorch's attention (with a
-    # mask, faster there than the mma.sync kernel: docs/hopper-notes.md k1).
+    # mask, level with the mma.sync kernel there: docs/hopper-notes.md x7).
     gpu((9, 0))
     for mode in ("int8_fp8", "int8_int8"):
         p = key_plan(mode)
