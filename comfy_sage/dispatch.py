@@ -46,9 +46,6 @@ HOPPER_FP8_PV_MAX_HEAD_DIM = 64
 HOPPER_AUTO_MIN_TOKENS = 4096
 # Why a call with a mask that is not a key mask (one value per key for every head and query row) falls back.
 MASK_REASON = "the kernels take key masks only (one value per key, the same for every head and query row)"
-# Whether Hopper's `auto` runs calls with a key mask (which the wgmma kernel does not take) on the mma.sync kernel
-# rather than PyTorch's attention: no, the two measured level on an H100 (0.77-1.11×, docs/hopper-notes.md x7).
-HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC = False
 # The kernels' grids carry the query heads in a dimension of at most 65,535 (csrc/binding.cpp runs larger
 # batches in chunks that fit, but cannot split the heads).
 MAX_KERNEL_HEADS = 65_535
@@ -176,7 +173,7 @@ def plan(
     unknown) matter only past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow, and to
     Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS, with `is_causal` and `return_lse`; the query heads (0:
     unknown) only past MAX_KERNEL_HEADS. `key_mask`: the call's mask depends on the key alone (`has_mask` is then
-    False), which the mma.sync kernel takes with INT8 Q·Kᵀ."""
+    False), which both kernel families take with INT8 Q·Kᵀ."""
     long_rows = seq_kv > INT8_PV_MAX_KEYS
     auto_lse = return_lse and mode is Mode.AUTO
     few_tokens = (
@@ -254,12 +251,7 @@ def _plan(
     hopper = cc == HOPPER
 
     def runs_wgmma(m: Mode) -> bool:
-        return (
-            wgmma_fits(cc, m, head_dim)
-            and not key_mask
-            and preferred_family != "sm80"
-            and capability.kernels_run_on(device, "sm90")
-        )
+        return wgmma_fits(cc, m, head_dim) and preferred_family != "sm80" and capability.kernels_run_on(device, "sm90")
 
     if requested is Mode.AUTO and hopper and dtype in KERNEL_DTYPES and not return_lse and preferred_family is None:
         sm = capability.sm_name(cc)
@@ -267,9 +259,7 @@ def _plan(
         few = (
             f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)" if few_tokens else None
         )
-        if key_mask:  # only the mma.sync kernel takes them
-            why = few if HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC else "key masks, which only the mma.sync kernel takes"
-        elif not runs_wgmma(mode):  # only the mma.sync kernel could: 1.6-2.4× slower than cuDNN there
+        if not runs_wgmma(mode):  # only the mma.sync kernel could: 1.6-2.4× slower than cuDNN there
             where = (
                 f"head dims above {SM90_MAX_HEAD_DIM}"
                 if head_dim > SM90_MAX_HEAD_DIM

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KERNEL = "sm90_attention_kernel"
-# Itanium-mangled template arguments of the instantiations checked: <kDim, PvType (1 FP8, 2 INT8), kSplit>.
+# Itanium-mangled template arguments of the instantiations checked: <kDim, PvType (1 FP8, 2 INT8), kSplit,
+# kKeyBias>. The key-mask instantiation at head dim 64 keeps P̃ in shared memory, whose barrier orders it.
 INT8_D128 = re.compile(r"sm90_attention_kernelILi128ELNS_6PvTypeE2ELb[01]E")
-FP8_D64_PLAIN = re.compile(r"sm90_attention_kernelILi64ELNS_6PvTypeE1ELb0E")
+FP8_D64_PLAIN = re.compile(r"sm90_attention_kernelILi64ELNS_6PvTypeE1ELb0ELb0E")
 EXPONENTIALS_PER_BLOCK = 64  # 64 rows × 128 keys over a warpgroup's 128 threads
 
 
@@ -155,11 +156,12 @@ def default_binary() -> str | None:
 
 
 def short(name: str) -> str:
-    match = re.search(r"ILi(\d+)ELNS_6PvTypeE(\d)ELb([01])E", name)
+    match = re.search(r"ILi(\d+)ELNS_6PvTypeE(\d)ELb([01])ELb([01])E", name)
     if not match:
         return name
-    dim, pv, split = match.groups()
-    return f"{KERNEL}<{dim}, {'FP8' if pv == '1' else 'INT8'}, {'split' if split == '1' else 'plain'}>"
+    dim, pv, split, key_mask = match.groups()
+    kind = ("split" if split == "1" else "plain") + (", key mask" if key_mask == "1" else "")
+    return f"{KERNEL}<{dim}, {'FP8' if pv == '1' else 'INT8'}, {kind}>"
 
 
 def run(argv: list[str] | None = None) -> int:

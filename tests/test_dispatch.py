@@ -612,7 +612,7 @@ def test_kernel_status_missing_dependency_of_the_extension(fresh_state, monkeypa
     assert capability.kernel_status().reason == "the compiled kernels failed to load: No module named 'triton'"
 
 
-# --- key masks: one value per key (text padding), which the mma.sync kernel takes with INT8 Q·Kᵀ ------------------
+# --- key masks: one value per key (text padding), which both kernel families take with INT8 Q·Kᵀ ----------------
 
 
 def key_plan(mode="auto", cc_seq=8192, head_dim=128):
@@ -635,16 +635,17 @@ def test_key_masks_with_int4_run_int8_and_say_so(gpu, mode):
 
 
 def test_key_masks_on_hopper(gpu):
-    # The wgmma kernel takes none: explicit modes run the mma.sync kernel, `auto` PyTorch's attention (with a
-    # mask, level with the mma.sync kernel there: docs/hopper-notes.md x7).
+    # The wgmma kernel takes them as the mma.sync kernel does, so Hopper plans them as it plans unmasked calls.
     gpu((9, 0))
-    for mode in ("int8_fp8", "int8_int8"):
+    for mode in ("auto", "int8_fp8", "int8_int8"):
         p = key_plan(mode)
-        assert not p.fallback and p.kernel.family == "sm80", mode
-    with dispatch.prefer_family("sm90"):
+        assert not p.fallback and p.kernel.family == "sm90", mode
+    with dispatch.prefer_family("sm80"):
         assert key_plan("int8_fp8").kernel.family == "sm80"
-    p = key_plan("auto")
-    assert dispatch.HOPPER_AUTO_KEY_MASKS_ON_MMA_SYNC or (p.fallback and p.faster and "key masks" in p.reason)
+    assert key_plan("int8_fp16").kernel.family == "sm80"
+    few = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 1000, seq_q=1000, key_mask=True)
+    assert few.fallback and few.faster  # as without a mask: PyTorch's attention below 4,096 tokens
+    assert key_plan("auto", head_dim=256).fallback  # only the mma.sync kernel, slower than cuDNN there
 
 
 def test_other_masks_still_fall_back(gpu):

@@ -16,8 +16,8 @@ sass_schedule = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = sass_schedule  # its dataclass looks itself up there
 _SPEC.loader.exec_module(sass_schedule)
 
-INT8_D128 = "_ZN10comfy_sage21sm90_attention_kernelILi128ELNS_6PvTypeE2ELb0EEEvNS_10Sm90ParamsE"
-FP8_D64 = "_ZN10comfy_sage21sm90_attention_kernelILi64ELNS_6PvTypeE1ELb0EEEvNS_10Sm90ParamsE"
+INT8_D128 = "_ZN10comfy_sage21sm90_attention_kernelILi128ELNS_6PvTypeE2ELb0ELb0EEEvNS_10Sm90ParamsE"
+FP8_D64 = "_ZN10comfy_sage21sm90_attention_kernelILi64ELNS_6PvTypeE1ELb0ELb0EEEvNS_10Sm90ParamsE"
 EXPS = ["MUFU.EX2 R40, R40"] * 64
 
 
@@ -101,3 +101,12 @@ def test_a_kernel_without_its_loop_is_reported():
 @pytest.mark.parametrize("line, op", [("/*0a30*/ @!P0 BRA 0x6380 ; /* 0x0 */", "BRA"), ("/*0010*/ EXIT ;", "EXIT")])
 def test_opcode(line, op):
     assert sass_schedule.opcode(line) == op
+
+
+def test_names_and_which_instantiations_are_checked():
+    key_mask_d64 = FP8_D64.replace("ELb0ELb0E", "ELb0ELb1E")
+    assert sass_schedule.short(FP8_D64) == "sm90_attention_kernel<64, FP8, plain>"
+    assert sass_schedule.short(key_mask_d64) == "sm90_attention_kernel<64, FP8, plain, key mask>"
+    # The key-mask instantiation keeps P̃ in shared memory: the turn-barrier check is for the register form only.
+    assert sass_schedule.FP8_D64_PLAIN.search(FP8_D64) and not sass_schedule.FP8_D64_PLAIN.search(key_mask_d64)
+    assert sass_schedule.INT8_D128.search(INT8_D128.replace("ELb0ELb0E", "ELb1ELb1E"))

@@ -94,7 +94,7 @@ struct AttentionArgs {
   QuantBuffers buf;
   float* lse;  // [B, Hq, seq_q] or null
   // A key mask as an additive bias on the log2-domain scores, one value per key (−inf: the key is masked out),
-  // the same for every head and query row; null without one (the mma.sync kernel only). Rows of [B or 1] float32
+  // the same for every head and query row; null without one. Rows of [B or 1] float32
   // (key_bias_batch_stride 0 where one row serves the whole batch): key_bias_width = seq_kv rounded up to
   // kKeyBiasAlign values (−inf past seq_kv), then one flag per kSm80BlockK keys, 1 where any of its values is
   // not 0, their count rounded up to 4 (rows stay 16-byte aligned; comfy_sage/ops.py key_bias).

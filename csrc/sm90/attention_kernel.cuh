@@ -10,8 +10,9 @@
 //     S = Q̂·K̂ᵀ: wgmma m64n128k32 s8 with both operands in shared memory (128- or 64-byte swizzle, as TMA
 //       wrote them), dequantized with one multiply: a lane's elements share one Q scale (rows g, g+8 of its
 //       warp's 16) and one K scale (its columns 2t, 2t+1 of every 8; the quantization uses 128-key groups);
-//     masking (key padding, bottom-right causal; only in the blocks that need it), online softmax in base 2
-//       (softmax.cuh);
+//     masking (key padding, bottom-right causal, and with kKeyBias a caller's key mask as a per-key bias on
+//       the scores; only in the blocks that need it: a key mask's flags say which, read a block ahead),
+//       online softmax in base 2 (softmax.cuh);
 //     O += P̃·V: P̃ in FP8 e4m3 or unsigned INT8 packed from the S registers in the order of the A fragment
 //       (V's tokens are permuted by the quantization to match, as in the mma.sync kernel), written into the
 //       consumer's shared-memory tile or, at head dim 64 (Sm90Traits::kPRegs), kept in registers; then wgmma
@@ -151,13 +152,17 @@ struct Sm90Traits {
 
 // kSplit: the 1-D grid of a launch with split tiles (Sm90Split); otherwise a (row block, q head, batch) grid
 // and none of the split code, which measurably slows the K loop of long sequences when merely present.
-template <int kDim, PvType kPv, bool kSplit>
+// kKeyBias: AttentionArgs::key_bias is set (a key mask); the masked body adds it where a block's flags say so.
+template <int kDim, PvType kPv, bool kSplit, bool kKeyBias = false>
 __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     sm90_attention_kernel(const __grid_constant__ Sm90Params p) {
   using Tr = Sm90Traits<kDim, kPv>;
   constexpr bool kIntPv = Tr::kIntPv;
   constexpr bool kSoftmaxUnderPv = kIntPv && Tr::kIntInPlace;  // see the K loop
   using OAcc = std::conditional_t<kIntPv, int32_t, float>;  // the P̃·V accumulator
+  // P̃ from registers (Sm90Traits::kPRegs) in the plain kernel without a key mask: with one, ptxas sank the
+  // exponentials of head dim 64's loop below the turn's barrier (~35% of the speed), as it had before g14.
+  constexpr bool kPFromRegs = Tr::kPRegs && !kSplit && !kKeyBias;
   const AttentionArgs& a = p.args;
   const Shape& s = a.shape;
   extern __shared__ uint8_t smem_raw[];
@@ -245,6 +250,16 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
   const int row0 = q0 + c * Tr::kWgRows + warp * 16 + g;  // this lane's rows: row0 and row0 + 8
   const float q_scale = a.buf.q_scale[(static_cast<int64_t>(bhq) * (s.padded_q / 16) + row0 / 16) * kRowGroups + g];
   const float* k_scales = a.buf.k_scale + static_cast<int64_t>(bhkv) * (s.padded_kv / Tr::kBlockK) * kColGroups;
+  // The key mask's bias row (log2 domain) and whether K block kb has any bias: its two 64-key flags.
+  const float* key_bias = kKeyBias ? a.key_bias + b * a.key_bias_batch_stride : nullptr;
+  auto biased = [&](int kb) {
+    if constexpr (kKeyBias) {
+      const float2 flags = __ldg(reinterpret_cast<const float2*>(key_bias + a.key_bias_width) + kb);
+      return flags.x != 0.f || flags.y != 0.f;
+    } else {
+      return false;
+    }
+  };
   const uint64_t desc_q = make_smem_desc(s_q + c * Tr::kWgRows * kDim, kDim);
   const uint32_t s_p = p_tiles + c * Tr::kPBytes;
 
@@ -271,7 +286,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
       const int accumulate = kIntPv && Tr::kIntInPlace ? 1 : j;
-      if constexpr (Tr::kPRegs && !kSplit) {  // FP8 only
+      if constexpr (kPFromRegs) {  // FP8 only
         wgmma_m64n64k32_e4m3_rs(blk, pw[j], desc_v + 2 * j, accumulate);
       } else if constexpr (kDim == 128 && kIntPv) {
         wgmma_m64n128k32_u8s8_ss(blk, desc_p + 2 * j, desc_v + 2 * j, accumulate);
@@ -294,6 +309,24 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
                           float k_scale, OnlineSoftmax<Tr::kSTiles, kIntPv>& softmax, auto masked) {
     const float scale = fmaxf(q_scale * k_scale, kMinScale);
     const int key0 = kb * Tr::kBlockK;
+    if constexpr (kKeyBias && decltype(masked)::value) {
+      // A key mask: the masked body of every block it touches (and of the padded and causal ones). The scores
+      // are unscaled here, so the bias enters divided by the scale; the row max is then taken on the floats.
+      const float inv_scale = __frcp_rn(scale);
+      const float2* bias = reinterpret_cast<const float2*>(key_bias + key0) + t;
+#pragma unroll
+      for (int n = 0; n < Tr::kSTiles; ++n) {
+        const float2 bn = __ldg(bias + 4 * n);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+          const float biased_score = fmaf((e & 1) ? bn.y : bn.x, inv_scale, static_cast<float>(acc[4 * n + e]));
+          sf[n][e] = key >= s.seq_kv || (a.causal && key > row + diag) ? -kInf : biased_score;
+        }
+      }
+      softmax.scores(sf, scale, exp_offset);
+      return;
+    }
     if constexpr (kSoftmaxUnderPv) {
       // Each row's maximum over the lane's keys taken on the int32 S (exact: |S| < 2^24) beside the
       // conversions instead of after them.
@@ -398,7 +431,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     turn_wait();
     issue_pv(acc, stage, pw);
     wgmma_wait<0>();
-    if constexpr (Tr::kPRegs && !kSplit) fence_registers(pw);
+    if constexpr (kPFromRegs) fence_registers(pw);
     fence_registers(acc);
     if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
   };
@@ -419,7 +452,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
     }
     uint32_t pw[Tr::kBlockK / 32][4];
     pack_p(sf, pw);
-    if constexpr (!(Tr::kPRegs && !kSplit)) store_p(pw);
+    if constexpr (!kPFromRegs) store_p(pw);
     if constexpr (kIntPv) {  // head dim 64: a fresh tile (the in-place accumulation has its own loop below)
       // The row accumulator relative to the new (integer) row max: shifted right where the max rose; here,
       // where the product is added in anyway, without the vote the in-place loop uses (it cost 3% at SDXL
@@ -499,15 +532,18 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
         turn_pass();
         wgmma_wait<0>();
         fence_registers(s_acc);
-        if (kb0 < first_masked) {
+        if (kb0 < first_masked && !biased(kb0)) {
           softmax_of(kb0, std::false_type{}, pw);
         } else {
           softmax_of(kb0, std::true_type{}, pw);
         }
         stage_p(pw);
       }
+      bool next_biased = biased(min(kb0 + 1, num_k_blocks - 1));  // a block ahead: its load under the turn
       for (int kb = kb0; kb + 1 < num_k_blocks; ++kb) {
-        if (kb + 1 < first_masked) {
+        const bool masked_next = kb + 1 >= first_masked || next_biased;
+        if constexpr (kKeyBias) next_biased = biased(min(kb + 2, num_k_blocks - 1));
+        if (!masked_next) {
           turn(kb, std::false_type{});
         } else {
           turn(kb, std::true_type{});
@@ -516,8 +552,11 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
       uint32_t unused[Tr::kBlockK / 32][4];  // P̃ from the tile
       pv_turn(oi, (num_k_blocks - 1 - kb0) % Tr::kStages, unused);  // the last block's P̃·V
     } else {
+      bool this_biased = biased(kb0);
       for (int kb = kb0; kb < num_k_blocks; ++kb) {
-        if (kb < first_masked) {
+        const bool masked = kb >= first_masked || this_biased;
+        if constexpr (kKeyBias) this_biased = biased(min(kb + 1, num_k_blocks - 1));  // a block ahead
+        if (!masked) {
           block(kb, std::false_type{});
         } else {
           block(kb, std::true_type{});

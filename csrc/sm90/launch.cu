@@ -15,12 +15,17 @@
 namespace comfy_sage {
 namespace {
 
-// Every compiled variant: X(head dim, P·V type), with INT8 Q·Kᵀ; fp16/bf16 output is a run-time switch.
+// Every compiled variant: X(head dim, P·V type, key mask), with INT8 Q·Kᵀ; fp16/bf16 output is a run-time
+// switch.
 #define COMFY_SAGE_SM90_VARIANTS(X) \
-  X(64, kFp8)                       \
-  X(128, kFp8)                      \
-  X(64, kInt8)                      \
-  X(128, kInt8)
+  X(64, kFp8, false)                \
+  X(128, kFp8, false)               \
+  X(64, kInt8, false)               \
+  X(128, kInt8, false)              \
+  X(64, kFp8, true)                 \
+  X(128, kFp8, true)                \
+  X(64, kInt8, true)                \
+  X(128, kInt8, true)
 
 // cuTensorMapEncodeTiled from the driver the CUDA runtime already loaded (no link against libcuda).
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
@@ -70,7 +75,7 @@ int sm_count() {
   return sms;
 }
 
-template <int kDim, PvType kPv>
+template <int kDim, PvType kPv, bool kKeyBias>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   using Tr = Sm90Traits<kDim, kPv>;
   const Shape& s = a.shape;
@@ -91,13 +96,13 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   }
   if (p.split.split_from > 0) {  // the whole tiles (all of them, when none is split)
     const dim3 grid(s.padded_q / Tr::kBlockQ, s.heads_q, s.batch);
-    cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, false>>(Tr::kSmemBytes);
+    cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, false, kKeyBias>>(Tr::kSmemBytes);
     if (err != cudaSuccess) return err;
-    sm90_attention_kernel<kDim, kPv, false><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+    sm90_attention_kernel<kDim, kPv, false, kKeyBias><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess || p.split.split_tiles == 0) return err;
   }
-  cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, true>>(Tr::kSmemBytes);
+  cudaError_t err = allow_smem<sm90_attention_kernel<kDim, kPv, true, kKeyBias>>(Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
   // The split tiles, as the plain kernel's dependent when it ran (Sm90Split).
   p.split.first_cta = p.split.split_from;
@@ -111,7 +116,7 @@ cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = &dependent;
   config.numAttrs = p.split.first_cta > 0 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, sm90_attention_kernel<kDim, kPv, true>, p);
+  return cudaLaunchKernelEx(&config, sm90_attention_kernel<kDim, kPv, true, kKeyBias>, p);
 }
 
 }  // namespace
@@ -142,8 +147,11 @@ cudaError_t run_sm90_attention(const AttentionArgs& a, cudaStream_t stream) {
   if (a.qk_bits != 8 || a.pv == PvType::kFp16 || a.shape.block_k != kSm90BlockK) return cudaErrorInvalidValue;
   cudaError_t err = launch_quantize(a, stream);
   if (err != cudaSuccess || a.shape.seq_q == 0) return err;
-#define COMFY_SAGE_DISPATCH(D, PV) \
-  if (a.shape.padded_dim == D && a.pv == PvType::PV) return launch<D, PvType::PV>(a, stream);
+  const bool key_bias = a.key_bias != nullptr;
+#define COMFY_SAGE_DISPATCH(D, PV, KB)                                              \
+  if (a.shape.padded_dim == D && a.pv == PvType::PV && key_bias == KB) {           \
+    return launch<D, PvType::PV, KB>(a, stream);                                   \
+  }
   COMFY_SAGE_SM90_VARIANTS(COMFY_SAGE_DISPATCH)
 #undef COMFY_SAGE_DISPATCH
   return cudaErrorInvalidValue;

@@ -1,6 +1,6 @@
 """Key masks (one value per key for every head and query row, as the text-padding masks of HunyuanVideo-style
-models are) on the mma.sync kernel: poisoned outputs against the reference given the same mask, and against
-PyTorch's attention with it (see kernel_checks.py for the criterion)."""
+models are) on both kernel families: poisoned outputs against the reference given the same mask (and the
+family's tiling), and against PyTorch's attention with it (see kernel_checks.py for the criterion)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,22 @@ import torch
 from kernel_checks import inputs, poisoned, seed
 
 import comfy_sage
-from comfy_sage import api, dispatch, reference
+from comfy_sage import api, capability, dispatch, reference
 from comfy_sage.modes import Mode
-from comfy_sage.tiling import sm80_tiling
 
 MODES = (Mode.INT8_FP8, Mode.INT8_FP16, Mode.INT8_INT8)
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+# The wgmma family where this GPU runs it (INT8 Q·Kᵀ with FP8 or INT8 P·V, head dims up to 128).
+FAMILIES = ("sm80", "sm90") if HOPPER and capability.kernels_run_on(torch.device("cuda"), "sm90") else ("sm80",)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    """The kernel family under test: the mma.sync one pinned, or the wgmma one as Hopper plans it."""
+    with dispatch.prefer_family(request.param):
+        yield request.param
+
+
 # (N_q, N_kv): lengths that are not multiples of the 64-key block, a single key, N_q ≠ N_kv both ways.
 LENGTHS = ((77, 77), (1000, 1000), (300, 1000), (1000, 300), (129, 1))
 # A mask's shape for batch b and N_kv keys, as callers pass them: per batch entry, or one row for all.
@@ -29,18 +40,22 @@ SHAPES = {
 
 
 def key_mask(s: int, shape: tuple, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask on the GPU, the keys it keeps as bool): about 30% of the keys masked, the first kept unless the
-    mask has a batch row of its own for entry 1, which then masks every key (its rows must give 0)."""
+    """(mask on the GPU, the keys it keeps as bool): about 30% of the keys masked ("padding": the last 150), the
+    first kept unless the mask has a batch row of its own for entry 1, which then masks every key (its rows must
+    give 0)."""
     g = torch.Generator().manual_seed(s)
     keep = torch.rand(shape, generator=g) > 0.3
+    if kind == "padding":  # text padding: the last keys only, so most K blocks carry no bias
+        keep = torch.ones(shape, dtype=torch.bool)
+        keep[..., -150:] = False
     keep[..., 0] = True
     if shape[0] > 1:
         keep[1] = False
     if kind == "bool":
         mask = keep
-    else:  # additive: small biases on the kept keys, ComfyUI's -finfo.max padding on the others (-inf on an
-        # entry that sees no key: with finite values everywhere PyTorch averages V there)
-        bias = torch.randn(shape, generator=g) * 0.5
+    else:  # additive: small biases on the kept keys (none for "padding"), ComfyUI's -finfo.max on the others
+        # (-inf on an entry that sees no key: with finite values everywhere PyTorch averages V there)
+        bias = torch.randn(shape, generator=g) * 0.5 if kind == "additive" else torch.zeros(shape)
         mask = bias.masked_fill(~keep, -torch.finfo(dtype).max)
         if shape[0] > 1:
             mask[1] = -math.inf
@@ -48,7 +63,7 @@ def key_mask(s: int, shape: tuple, kind: str, dtype: torch.dtype) -> tuple[torch
     return mask.cuda(), keep.cuda()
 
 
-def check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, *, batch=2, causal=False):
+def check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, family, *, batch=2):
     s = seed()
     # Enough heads for an output over 1 MB: the caching allocator serves it from its large pool, where the
     # poisoned block waits, and the small key-bias buffers the call builds first from the small one.
@@ -59,7 +74,8 @@ def check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, *, ba
     mask, keep = key_mask(s, SHAPES[shape_name](batch, nkv), kind, dtype)
     where = f"seed {s}, {mode.value} D={d} {layout} gqa={gqa} {dtype} Nq={nq} Nkv={nkv} {shape_name} {kind}"
     plan = api.plan_for(q, k, v, tensor_layout=layout, mode=mode, attn_mask=mask)
-    assert not plan.fallback and plan.kernel.family == "sm80", (plan, where)
+    wgmma = family == "sm90" and dispatch.wgmma_fits((9, 0), mode, d)
+    assert not plan.fallback and plan.kernel.family == ("sm90" if wgmma else "sm80"), (plan, where)
 
     like = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     (out, lse), reused = poisoned(
@@ -74,7 +90,7 @@ def check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, *, ba
         *f32, attn_mask=mask.float() if kind != "bool" else mask, mode="sdpa", tensor_layout=layout, return_lse=True
     )
     ref, ref_lse = reference.sageattn(
-        q, k, v, mode=plan.mode, tensor_layout=layout, tiling=sm80_tiling(d), delta_s="int8", return_lse=True,
+        q, k, v, mode=plan.mode, tensor_layout=layout, tiling=plan.kernel.tiling, delta_s="int8", return_lse=True,
         attn_mask=mask,
     )  # fmt: skip
     err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
@@ -92,29 +108,37 @@ def check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, *, ba
 
 @pytest.mark.parametrize("mode", MODES, ids=str)
 @pytest.mark.parametrize("nq,nkv", LENGTHS, ids=lambda x: str(x))
-def test_key_masks_match_the_reference(mode, nq, nkv):
+def test_key_masks_match_the_reference(mode, nq, nkv, family):
     """Every mode × length, across head dims × layouts × mask shapes and kinds, GQA and the dtype alternating."""
     combos = itertools.product((64, 128, 256, 80), ("HND", "NHD"), SHAPES, ("bool", "additive"))
     for i, (d, layout, shape_name, kind) in enumerate(combos):
         if i % 3:  # a third of the 64 combinations per case, a different third each case
             continue
         gqa, dtype = (1, 4)[i % 2], (torch.float16, torch.bfloat16)[(i // 2) % 2]
-        check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind)
+        check_key_mask(mode, d, layout, gqa, dtype, nq, nkv, shape_name, kind, family)
 
 
-def test_an_all_true_mask_gives_the_unmasked_bits():
+@pytest.mark.parametrize("mode", (Mode.INT8_FP8, Mode.INT8_INT8), ids=str)
+def test_key_masks_across_many_blocks_and_a_split_wave(mode, family):
+    """Long rows with masked keys in some blocks only (the flags route those through the masked body, a block
+    ahead), and grids short of a wave, which the wgmma kernel splits along the keys."""
+    check_key_mask(mode, 128, "HND", 2, torch.bfloat16, 600, 5000, "[B,1,1,N]", "padding", family)
+    check_key_mask(mode, 128, "NHD", 1, torch.bfloat16, 600, 5000, "[1,1,1,N]", "bool", family)
+    check_key_mask(mode, 64, "NHD", 1, torch.float16, 700, 900, "[1,1,1,N]", "padding", family, batch=4)
+
+
+def test_an_all_true_mask_gives_the_unmasked_bits(family):
     """A bias of 0 on every key changes no score: every K block's flag is 0, so it runs the unmasked code and
     gives the same bits as the call without a mask."""
     q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=700, nkv=900, d=128, dtype=torch.bfloat16, layout="HND")
     keep = torch.ones(1, 1, 1, 900, dtype=torch.bool, device="cuda")
     for mode in MODES:
-        with dispatch.prefer_family("sm80"):
-            plain = comfy_sage.sageattn(q, k, v, mode=mode)
+        plain = comfy_sage.sageattn(q, k, v, mode=mode)
         masked = comfy_sage.sageattn(q, k, v, attn_mask=keep, mode=mode)
         assert torch.equal(masked, plain), mode
 
 
-def test_masked_keys_do_not_count():
+def test_masked_keys_do_not_count(family):
     """Keys a mask takes out change nothing, whatever their values: K and V of the masked keys replaced by
     large random values give the same output within the quantization's reach (their values still enter K's
     mean and V's scales, as in the reference)."""
@@ -129,7 +153,8 @@ def test_masked_keys_do_not_count():
     truth = reference.exact.attention(q[:, :, :, :], k[:, :, :400], v[:, :, :400])
     for mode in MODES:
         out = comfy_sage.sageattn(q, k2, v2, attn_mask=mask, mode=mode)
-        ref = reference.sageattn(q, k2, v2, mode=mode, tiling=sm80_tiling(128), delta_s="int8", attn_mask=mask)
+        tiling = api.plan_for(q, k2, v2, mode=mode, attn_mask=mask).kernel.tiling
+        ref = reference.sageattn(q, k2, v2, mode=mode, tiling=tiling, delta_s="int8", attn_mask=mask)
         err, ref_err = reference.relative_l1(out, truth), reference.relative_l1(ref, truth)
         assert err <= 1.5 * ref_err + 1e-3, f"seed {s} {mode.value}: {err:.5f} vs reference {ref_err:.5f}"
 
