@@ -20,7 +20,7 @@ What one attention call runs (`SageOverride.__call__`), in this order
    calls that need a backward pass go to the fallback (`kernel_blocker`), logged once per reason and model.
 5. `dispatch.plan(mode, device, head_dim, dtype, has_mask, tokens)` (cached, no tensor reads): a plan no kernel
    can run (no CUDA, an old GPU, head dim, dtype, a mask other than a key mask, kernels not installed; a key
-   mask, one value per key as HunyuanVideo's text padding is, runs on the mma.sync kernel) goes to the fallback and logs
+   mask, one value per key as HunyuanVideo's text padding is, runs on the kernels) goes to the fallback and logs
    its reason once per patched model, and so does a call that `auto` leaves to PyTorch attention because it
    is faster there (on Hopper: fewer than 4,096 tokens, head dims above 128; logged at INFO); otherwise
    `comfy_sage.sageattn` runs the kernel. Kernels that load later are picked up without change: the plan
