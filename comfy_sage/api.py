@@ -65,7 +65,9 @@ def sageattn(
         or [B, N_q, H_q, D] ("NHD"); k, v: the same with H_kv heads and N_kv tokens. H_q must be a multiple of
         H_kv (grouped-query attention, whatever `enable_gqa` says). float16, bfloat16 or float32 (float32 is
         computed in bfloat16 and returned in float32).
-    attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]; runs PyTorch attention.
+    attn_mask: bool or additive float mask broadcasting to [B, H_q, N_q, N_kv]. A key mask (one value per key for
+        every head and query row: [B or 1, 1, 1, N_kv], [1, 1, N_kv], [1, N_kv], as text padding is) runs on the
+        kernels with INT8 Q·Kᵀ; any other mask runs PyTorch attention.
     dropout_p: dropout on the attention weights, as SDPA applies it (in training and in eval alike); above 0 the
         call runs PyTorch attention, since the kernels have none.
     is_causal: causal mask aligned bottom-right when N_q ≠ N_kv (SDPA aligns it top-left; the same when
@@ -77,10 +79,10 @@ def sageattn(
         "int8_fp8", native on every GPU the kernels support), or "sdpa" (PyTorch attention); a `Mode` works too.
     return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
 
-    A call no kernel can run (no CUDA GPU, an older GPU, a mask, dropout, a head dim outside 32..256, kernels not
-    installed, inputs that require gradients: the kernels have no backward pass) runs PyTorch attention and logs
-    the reason once to the "comfy_sage" logger (a call that "auto" leaves to PyTorch attention for speed: once,
-    at INFO).
+    A call no kernel can run (no CUDA GPU, an older GPU, a mask other than a key mask, dropout, a head dim outside
+    32..256, kernels not installed, inputs that require gradients: the kernels have no backward pass) runs PyTorch
+    attention and logs the reason once to the "comfy_sage" logger (a call that "auto" leaves to PyTorch attention
+    for speed: once, at INFO).
     """
     # The checks run on every call, so the common case costs little: a `Problem` is built only for a mask (and
     # in the fallback), and the loop that names a flag that is not a bool runs only when one is not.
