@@ -48,6 +48,11 @@ def summary(device: torch.device | str | None = None) -> dict:
         short = dispatch.plan(Mode.AUTO, device, head_dim, torch.bfloat16, False, 1024, seq_q=1024)
         auto[str(head_dim)] = describe(long) + ("" if short == long else f"; 1,024 tokens: {describe(short)}")
     info["auto"] = auto
+    # Masks, at head dim 128: a key mask (one value per key: text padding) and any other.
+    info["masks"] = {
+        "key mask": describe(dispatch.plan(Mode.AUTO, device, 128, torch.bfloat16, False, key_mask=True)),
+        "other masks": describe(dispatch.plan(Mode.AUTO, device, 128, torch.bfloat16, True)),
+    }
     info["other_gpus"] = other_gpus(device)
     return info
 
@@ -102,6 +107,8 @@ def render(info: dict) -> str:
     lines += [f"  {mode:<10} {what}" for mode, what in info["modes"].items()]
     lines.append("mode 'auto' picks, by head dim (bf16, no mask):")
     lines += [f"  D={head_dim:<4} {what}" for head_dim, what in info["auto"].items()]
+    lines.append("with a mask, 'auto' at D=128 (a key mask: one value per key, as text padding is):")
+    lines += [f"  {kind:<11} {what}" for kind, what in info["masks"].items()]
     if info.get("other_gpus"):
         lines.append("other GPUs (`doctor --device cuda:N` shows one's modes):")
         lines += [

@@ -43,6 +43,7 @@ def test_doctor_json_keys(doctor_json):
         "kernel_archs",
         "modes",
         "auto",
+        "masks",
     }
     assert doctor_json["comfy_sage"] == __version__
     assert doctor_json["torch"] == torch.__version__
@@ -283,3 +284,19 @@ def test_doctor_without_other_gpus_says_nothing_of_them():
     if not torch.cuda.is_available():
         assert info["other_gpus"] == []
     assert ("other GPUs" in doctor.render(info)) == bool(info["other_gpus"])
+
+
+def test_doctor_says_what_runs_masked_calls(fresh_state, monkeypatch):
+    """Key masks (text padding) run on the kernels, other masks on PyTorch attention: doctor says which, here for
+    an RTX 4090 with the kernels and for this CPU."""
+    monkeypatch.setattr(capability, "device_capability", lambda device: (8, 9) if device.type == "cuda" else None)
+    monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_89",)))
+    monkeypatch.setattr(capability, "kernels_run_on", lambda device, family="sm80": True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA GeForce RTX 4090")
+    dispatch.clear_cache()
+    info = doctor.summary("cuda:0")
+    assert info["masks"]["key mask"] == "int8_int8 (mma.sync kernel)"
+    assert info["masks"]["other masks"].startswith("sdpa (") and dispatch.MASK_REASON in info["masks"]["other masks"]
+    assert "  key mask    int8_int8 (mma.sync kernel)" in doctor.render(info)
+    dispatch.clear_cache()
+    assert all(what.startswith("sdpa (") for what in doctor.summary("cpu")["masks"].values())
