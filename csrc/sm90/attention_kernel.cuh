@@ -161,7 +161,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
   constexpr bool kSoftmaxUnderPv = kIntPv && Tr::kIntInPlace;  // see the K loop
   using OAcc = std::conditional_t<kIntPv, int32_t, float>;  // the P̃·V accumulator
   // P̃ from registers (Sm90Traits::kPRegs) in the plain kernel without a key mask: with one, ptxas sank the
-  // exponentials of head dim 64's loop below the turn's barrier (~35% of the speed), as it had before g14.
+  // exponentials of head dim 64's loop below the turn's barrier, as it had before g14 (B1 H24 N8,448 with a
+  // text-padding mask: 2,098 µs against 1,065 through shared memory; docs/hopper-notes.md km1).
   constexpr bool kPFromRegs = Tr::kPRegs && !kSplit && !kKeyBias;
   const AttentionArgs& a = p.args;
   const Shape& s = a.shape;
