@@ -119,6 +119,16 @@ def _shape_argument(text: str) -> tuple:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _padded_keys(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the padded keys must be a non-negative integer; got {text!r}")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -126,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shapes = args.shape or [s for s in built_in if not args.only or any(o in s[5] for o in args.only.split(","))]
     bench.run(
         args.modes.split(","), shapes, warmup=args.warmup, repeat=args.repeat, json_path=args.json,
-        plot_path=args.plot, timing=args.timing,
+        plot_path=args.plot, timing=args.timing, key_mask_pad=args.key_mask,
     )  # fmt: skip
     return 0
 
@@ -193,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         "--timing", default="queued", choices=TIMINGS,
         help="queued: calls issued back to back, as in a model (default); single: each call synchronized, "
         "so its host time counts too",
+    )  # fmt: skip
+    p.add_argument(
+        "--key-mask", type=_padded_keys, default=0, metavar="PAD",
+        help="every call with a text-padding key mask on its last PAD keys (as HunyuanVideo passes it), against "
+        "PyTorch's attention with the mask; causal shapes are left out",
     )  # fmt: skip
     p.set_defaults(func=cmd_bench)
 

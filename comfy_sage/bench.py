@@ -3,7 +3,9 @@
 Times what a user pays: one call on bf16 inputs, the implementation's own quantization included. CUDA
 events around each call, median of `repeat` calls after `warmup` (`time_call` says how the calls are issued).
 TOPS = 4·B·H·N_q·N_kv·D / time, halved when causal. Shapes are those of ../shared/design/ANCHORS.md, or
-(`STEP_SHAPES`) the shorter calls of real image and video steps that the anchors leave out.
+(`STEP_SHAPES`) the shorter calls of real image and video steps that the anchors leave out. With `key_mask_pad`
+every call carries a text-padding key mask ([1, 1, 1, N_kv], −finfo.max on the last keys, as HunyuanVideo
+passes it), and the peers are PyTorch's attention with the mask (its own backend choice, and cuDNN's).
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ def _peer(module: str, attr: str) -> Callable | None:
     return getattr(mod, attr, None)
 
 
-def implementations(modes: list[str]) -> dict[str, Callable]:
+def implementations(modes: list[str], masked: bool = False) -> dict[str, Callable]:
     """Every implementation to time: comfy_sage's modes (and, on Hopper, the mma.sync family of the modes the
-    wgmma kernel runs, for comparison), PyTorch SDPA on cuDNN and flash, and the released peers found installed."""
+    wgmma kernel runs, for comparison), PyTorch SDPA on cuDNN and flash, and the released peers found installed.
+    Each is `fn(q, k, v, causal)`, or `fn(q, k, v, causal, mask)`. `masked`: the ones that take a key mask (ours,
+    and PyTorch's attention with its own backend choice or cuDNN); the released peers ignore masks or have none."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import comfy_sage
@@ -99,26 +103,30 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
     impls: dict[str, Callable] = {}
     for mode in modes:
 
-        def ours(q, k, v, c, m=mode):
-            return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+        def ours(q, k, v, c, mask=None, m=mode):
+            if mask is None:
+                return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+            return comfy_sage.sageattn(q, k, v, mask, is_causal=c, mode=m)
 
         # What the call runs at a shape (`run` records where it is PyTorch attention: Hopper's `auto` below
         # 4,096 tokens).
-        ours.plan = lambda q, k, v, c, m=mode: api.plan_for(q, k, v, is_causal=c, mode=m)
+        ours.plan = lambda q, k, v, c, mask=None, m=mode: api.plan_for(q, k, v, is_causal=c, mode=m, attn_mask=mask)
         impls[f"comfy_sage {mode}"] = ours
     if torch.cuda.get_device_capability() == (9, 0):
         wgmma_modes = {m.value for m in dispatch.SM90_MODES}  # int8_fp8 and int8_int8
         for mode in (m for m in modes if m in wgmma_modes):
 
-            def mma_sync(q, k, v, c, m=mode):
+            def mma_sync(q, k, v, c, mask=None, m=mode):
                 with dispatch.prefer_family("sm80"):
-                    return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+                    if mask is None:
+                        return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
+                    return comfy_sage.sageattn(q, k, v, mask, is_causal=c, mode=m)
 
             impls[f"comfy_sage {mode} mma.sync"] = mma_sync
 
     def sdpa(backend):
-        def run(q, k, v, c):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=c)
+        def run(q, k, v, c, mask=None):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=c)
 
         # The backend is chosen around a shape's timed calls (`run` enters `context`), not inside each call:
         # `sdpa_kernel` costs the host ~40 µs every time it is entered (H100 machine, torch 2.11), which a
@@ -126,6 +134,10 @@ def implementations(modes: list[str]) -> dict[str, Callable]:
         run.context = lambda: sdpa_kernel(backend)
         return run
 
+    if masked:  # PyTorch's own choice of backend for a masked call, and cuDNN's (flash takes no mask)
+        impls["SDPA"] = lambda q, k, v, c, mask=None: F.scaled_dot_product_attention(q, k, v, mask, is_causal=c)
+        impls["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+        return impls
     impls["SDPA cuDNN"] = sdpa(SDPBackend.CUDNN_ATTENTION)
     impls["SDPA flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
     if (sage := _peer("sageattention", "sageattn")) is not None:  # the released SageAttention
@@ -204,32 +216,44 @@ def run(
     json_path: str | None = None,
     plot_path: str | None = None,
     timing: str = "queued",
+    key_mask_pad: int = 0,
 ) -> list:
     _check_timing(timing)  # before any GPU work
+    if isinstance(key_mask_pad, bool) or not isinstance(key_mask_pad, int) or key_mask_pad < 0:
+        raise ValueError(f"key_mask_pad must be a non-negative int (keys padded at the end); got {key_mask_pad!r}")
     if not torch.cuda.is_available():
         raise SystemExit("bench needs a CUDA GPU")
-    impls = implementations(modes)
+    impls = implementations(modes, masked=True) if key_mask_pad else implementations(modes)
     results = []
     gpu = torch.cuda.get_device_name()
-    print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}, {timing} calls")
+    masked = f", a key mask on the last {key_mask_pad} keys of each row" if key_mask_pad else ""
+    print(f"{gpu}, torch {torch.__version__}; TOPS (quantization included), median of {repeat}, {timing} calls{masked}")
     width = max(14, *(len(name) + 2 for name in impls))
     header = f"{'shape':<34}" + "".join(f"{name:>{width}}" for name in impls) + f"{'ours / best peer':>22}"
     print(header)
     for shape in shapes:
         b, h, n, n_kv, d, causal, what = shape_sizes(shape)
+        if key_mask_pad and causal:  # a mask and is_causal do not combine (SDPA's rule too)
+            print(f"{what}: causal, left out of a masked run")
+            continue
         q = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(b, h, n_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        args = (q, k, v, causal)
+        if key_mask_pad:  # every row keeps its first key
+            mask = torch.zeros(1, 1, 1, n_kv, device="cuda", dtype=torch.bfloat16)
+            mask[..., max(1, n_kv - key_mask_pad) :] = -torch.finfo(torch.bfloat16).max
+            args = (*args, mask)
         flops = 4 * b * h * n * n_kv * d / (2 if causal else 1)
         row = {"shape": [b, h, n, d], "causal": causal, "what": what, "tops": {}, "us": {}}
         if n_kv != n:
             row["seq_kv"] = n_kv
         for name, fn in impls.items():
-            plan = fn.plan(q, k, v, causal) if hasattr(fn, "plan") else None
+            plan = fn.plan(*args) if hasattr(fn, "plan") else None
             if plan is not None and plan.fallback:
                 row.setdefault("pytorch_attention", {})[name] = plan.reason
             try:
                 with getattr(fn, "context", contextlib.nullcontext)():
-                    seconds = time_call(fn, (q, k, v, causal), warmup, repeat, timing)
+                    seconds = time_call(fn, args, warmup, repeat, timing)
                 row["tops"][name] = flops / seconds / 1e12
                 row["us"][name] = seconds * 1e6
             except Exception as exc:  # an implementation that cannot run this shape: recorded, not fatal
@@ -244,13 +268,14 @@ def run(
             for name, t in row["tops"].items()
         )
         print(f"{label:<34}{cells}{versus:>22}", flush=True)
-        del q, k, v
+        del q, k, v, args
     reasons = sorted({why for row in results for why in row.get("pytorch_attention", {}).values()})
     for why in reasons:
         print(f"* PyTorch attention ran: {why}")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "timing": timing, "results": results}, f, indent=2)
+            summary = {"gpu": gpu, "torch": torch.__version__, "timing": timing, "key_mask_pad": key_mask_pad}
+            json.dump({**summary, "results": results}, f, indent=2)
     if plot_path:
         plot(results, plot_path, f"{gpu}, bf16 inputs, quantization included")
     return results

@@ -221,3 +221,35 @@ def test_each_row_compares_the_fastest_of_ours_with_the_best_peer():
     assert bench._versus_best_peer(routed) == "0.98* × SDPA cuDNN"
     assert bench._versus_best_peer({"tops": {"comfy_sage auto": 1.0, "SDPA cuDNN": None}}) == ""
     assert bench._versus_best_peer({"tops": {"SDPA cuDNN": 1.0}}) == ""
+
+
+def test_a_masked_run_times_what_takes_a_key_mask(monkeypatch, capsys):
+    """`key_mask_pad`: every call gets the text-padding mask HunyuanVideo passes ([1, 1, 1, N_kv], -finfo.max on
+    the last keys, the first key always kept); the peers are PyTorch's attention with the mask; causal shapes,
+    which a mask cannot join, are left out."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 9))
+    monkeypatch.setattr(bench, "_peer", lambda module, attr: lambda *a, **kw: None)  # every peer "installed"
+    impls = bench.implementations(["auto"], masked=True)
+    assert list(impls) == ["comfy_sage auto", "SDPA", "SDPA cuDNN"]
+    seen = []
+
+    def timed(q, k, v, causal, mask=None):
+        seen.append((tuple(q.shape), causal, mask))
+
+    monkeypatch.setattr(bench, "implementations", lambda modes, masked=False: {"x": timed} if masked else {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    real_randn, real_zeros = torch.randn, torch.zeros
+    monkeypatch.setattr(torch, "randn", lambda *size, device=None, dtype=None: real_randn(*size, dtype=dtype))
+    monkeypatch.setattr(torch, "zeros", lambda *size, device=None, dtype=None: real_zeros(*size, dtype=dtype))
+    monkeypatch.setattr(bench, "time_call", lambda fn, args, warmup, repeat, timing: fn(*args) or 1e-3)
+    shapes = [(1, 2, 64, 8, False, "text", 300), (1, 2, 64, 8, True, "causal"), (1, 2, 64, 8, False, "short", 2)]
+    rows = bench.run([], shapes, warmup=0, repeat=1, key_mask_pad=200)
+    assert [r["what"] for r in rows] == ["text", "short"]
+    (_, _, mask), (_, _, short) = seen
+    assert mask.shape == (1, 1, 1, 300) and (mask[..., :100] == 0).all()
+    assert (mask[..., 100:] == -torch.finfo(torch.bfloat16).max).all()
+    assert short[..., 0] == 0 and short[..., 1] < 0  # the first key stays
+    assert "causal, left out of a masked run" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="key_mask_pad"):
+        bench.run([], shapes, key_mask_pad=-1)

@@ -300,3 +300,16 @@ def test_doctor_says_what_runs_masked_calls(fresh_state, monkeypatch):
     assert "  key mask    int8_int8 (mma.sync kernel)" in doctor.render(info)
     dispatch.clear_cache()
     assert all(what.startswith("sdpa (") for what in doctor.summary("cpu")["masks"].values())
+
+
+def test_bench_key_mask_option(monkeypatch, capsys):
+    from comfy_sage import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda modes, shapes, **kwargs: seen.update(kwargs))
+    assert cli.main(["bench"]) == 0 and seen["key_mask_pad"] == 0
+    assert cli.main(["bench", "--key-mask", "200"]) == 0 and seen["key_mask_pad"] == 200
+    for bad in ("-3", "many"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--key-mask", bad])
+        assert "padded keys must be a non-negative integer" in capsys.readouterr().err
