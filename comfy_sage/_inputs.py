@@ -111,6 +111,8 @@ def key_mask_rows(attn_mask: torch.Tensor, batch: int, seq_kv: int) -> int | Non
     masks are: [B or 1, 1, 1, N_kv], [1, 1, N_kv], [1, N_kv]): its rows, B or 1. None for any other mask. Read
     from the shape only: deciding from the values would cost a GPU synchronization."""
     shape = attn_mask.shape
+    if not 1 <= len(shape) <= 4:
+        return None
     # [B, H, N_q, N_kv] (H and N_q of 1) or fewer dimensions, broadcast from the right (all but N_kv of 1).
     between = shape[1:-1] if len(shape) == 4 else shape[:-1]
     if seq_kv == 0 or shape[-1] != seq_kv or any(n != 1 for n in between):

@@ -283,6 +283,8 @@ def test_causal_visible_is_bottom_right():
         ((3, 1, 1, 9), None),  # neither the batch nor 1
         ((2, 1, 1, 1), None),  # one value for every key: not per key
         ((4, 1, 9), None),  # 3-D is [heads, N_q, N_kv]: per head
+        ((), None),
+        ((1, 2, 1, 1, 9), None),
     ],
 )
 def test_key_mask_rows(shape, rows):
