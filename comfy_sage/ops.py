@@ -5,7 +5,7 @@
 runs kernel family `family` (80: mma.sync; 90: wgmma, INT8 Q·Kᵀ + FP8 or INT8 P·V, head dim ≤ 128) with P·V in
 `pv` (`PV_CODES`). It takes Q, K, V in the caller's layout (layout 0 = HND, 1 = NHD), float16 or bfloat16,
 contiguous in head_dim with 16-byte aligned rows, and returns O in the same layout and dtype, and the LSE
-[B, H_q, N_q] float32 (an empty tensor when `return_lse` is False). `key_bias` (mma.sync, INT8 Q·Kᵀ) is a key
+[B, H_q, N_q] float32 (an empty tensor when `return_lse` is False). `key_bias` (INT8 Q·Kᵀ, both families) is a key
 mask as `key_bias` below builds it. It quantizes and attends on the current CUDA
 stream and never synchronizes. The fake kernel below gives torch.compile the output metadata, so
 `torch.compile(fullgraph=True)` traces through it.

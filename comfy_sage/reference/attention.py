@@ -18,7 +18,7 @@ Pipeline (../shared/design/ALGORITHM.md):
    exact integer P̂·V̂ is added: no float accumulator, no conversion per block.
 7. O / l · δV (+ v̄); causal masking is bottom-right aligned; rows that see no key give 0 (LSE −inf).
 A key mask (one value per key for every head and query row, as text-padding masks are) is added to S in the
-log2 domain after step 3's dequantization, as the mma.sync kernels add it (`ops.key_bias`).
+log2 domain after step 3's dequantization, as both kernel families add it (`ops.key_bias`).
 
 Memory is bounded by the tile sizes: Q rows are processed in chunks whose S tile stays under
 `max_tile_elements`, so N = 32k runs on a CPU without materializing N × N.
@@ -95,7 +95,7 @@ def sageattn(
     delta_s: how Q smoothing's ΔS = q̄·K'ᵀ is computed: "exact" (float32, as the paper describes) or "int8"
         (as the mma.sync kernels do it: q̄ in INT8 with one scale per Q block, K' in INT8 with K's groups).
     attn_mask: a key mask (bool, True = attend, or additive), [B or 1, 1, 1, N_kv] or fewer leading dimensions of
-        1: as the mma.sync kernels take it. Other masks raise ValueError.
+        1: as the kernels take it. Other masks raise ValueError.
     Returns O in q's dtype and layout, and with `return_lse` also the natural-log LSE [B, H_q, N_q] float32.
     """
     mode = Mode.parse(mode)
