@@ -243,22 +243,19 @@ def _pytorch_attention(
 ):
     """PyTorch's attention on one validated call: (out in the caller's layout, LSE or None)."""
     batch, heads_q, heads_kv, seq_q, seq_kv, _ = sizes
+    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
     plain = attn_mask is None and not return_lse and not dropout_p and (not is_causal or seq_q == seq_kv)
     # Not empty either: SDPA on CUDA returns None for an empty batch or zero heads (the general path answers).
     if plain and batch and heads_q and seq_q and seq_kv:
         # The common call `auto` leaves to PyTorch attention for speed (no mask, no LSE, causal only when square):
         # SDPA itself, without the general path's `Problem` and branches, which cost ~10 µs of host time a call.
         gqa = True if heads_q != heads_kv else False  # noqa: SIM210 (a branch, as in `fallback.attention`)
-        if layout == "HND":
-            return fallback.sdpa(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa).contiguous(), None
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-        out = fallback.sdpa(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2).contiguous(), None
-    qh, kh, vh = (to_hnd(t, layout) for t in (q, k, v))
-    out, lse = fallback.attention(
-        qh, kh, vh, Problem(*sizes, layout), is_causal=is_causal, scale=scale, attn_mask=attn_mask,
-        return_lse=return_lse, dropout_p=dropout_p,
-    )  # fmt: skip
+        out, lse = fallback.sdpa(qh, kh, vh, is_causal=is_causal, scale=scale, enable_gqa=gqa), None
+    else:
+        out, lse = fallback.attention(
+            qh, kh, vh, Problem(*sizes, layout), is_causal=is_causal, scale=scale, attn_mask=attn_mask,
+            return_lse=return_lse, dropout_p=dropout_p,
+        )  # fmt: skip
     # Contiguous in the caller's layout, as the kernels write it: `out.view(B, N, H * D)` works either way.
     return from_hnd(out, layout).contiguous(), lse
 
