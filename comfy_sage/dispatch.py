@@ -255,10 +255,6 @@ def _plan(
 
     if requested is Mode.AUTO and hopper and dtype in KERNEL_DTYPES and not return_lse and preferred_family is None:
         sm = capability.sm_name(cc)
-        fewest = HOPPER_AUTO_MIN_TOKENS
-        few = (
-            f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)" if few_tokens else None
-        )
         if not runs_wgmma(mode):  # only the mma.sync kernel could: 1.6-2.4× slower than cuDNN there
             where = (
                 f"head dims above {SM90_MAX_HEAD_DIM}"
@@ -266,8 +262,11 @@ def _plan(
                 else "a build without sm_90a code"
             )
             why = f"{where}, where only the mma.sync kernel runs"
+        elif few_tokens:
+            fewest = HOPPER_AUTO_MIN_TOKENS
+            why = f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)"
         else:
-            why = few
+            why = None
         if why:
             return Plan(
                 requested, Mode.SDPA, None, f"mode 'auto' runs PyTorch attention on {sm} for {why}: faster there",
