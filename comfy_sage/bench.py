@@ -104,8 +104,6 @@ def implementations(modes: list[str], masked: bool = False) -> dict[str, Callabl
     for mode in modes:
 
         def ours(q, k, v, c, mask=None, m=mode):
-            if mask is None:
-                return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
             return comfy_sage.sageattn(q, k, v, mask, is_causal=c, mode=m)
 
         # What the call runs at a shape (`run` records where it is PyTorch attention: Hopper's `auto` below
@@ -118,8 +116,6 @@ def implementations(modes: list[str], masked: bool = False) -> dict[str, Callabl
 
             def mma_sync(q, k, v, c, mask=None, m=mode):
                 with dispatch.prefer_family("sm80"):
-                    if mask is None:
-                        return comfy_sage.sageattn(q, k, v, is_causal=c, mode=m)
                     return comfy_sage.sageattn(q, k, v, mask, is_causal=c, mode=m)
 
             impls[f"comfy_sage {mode} mma.sync"] = mma_sync

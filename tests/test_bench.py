@@ -60,7 +60,9 @@ def test_hopper_also_times_the_mma_sync_family_of_each_wgmma_mode(monkeypatch, c
 
     calls = []
     monkeypatch.setattr(
-        comfy_sage, "sageattn", lambda q, k, v, is_causal, mode: calls.append((mode, dispatch._preferred_family))
+        comfy_sage,
+        "sageattn",
+        lambda q, k, v, attn_mask, is_causal, mode: calls.append((mode, dispatch._preferred_family)),
     )
     for name in ours:
         impls[name](None, None, None, False)
