@@ -54,8 +54,10 @@ SM80_WIDE = Tiling(block_q=64, warp_q=16, block_k=64)
 # quantization depends on block_q: 128 keeps the reference's Q-smoothing unit a power of two.
 SM90 = Tiling(block_q=128, warp_q=16, block_k=128, int8_p_via_fp16=False)
 # Q rows one wgmma CTA holds, by padded head dim (csrc/attention/params.h sm90_block_q): 64 per consumer
-# warpgroup, three of them at head dim 128 and four at 64. What the tile count, and so the waves, follow.
+# warpgroup, three of them at head dim 128 and four at 64 (three with a key mask: SM90_KEY_MASK_CTA_ROWS).
+# What the tile count, and so the waves, follow.
 SM90_CTA_ROWS = {128: 192, 64: 256}
+SM90_KEY_MASK_CTA_ROWS = {128: 192, 64: 192}
 
 
 def sm80_tiling(head_dim: int) -> Tiling:

@@ -158,7 +158,8 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   s.heads_q = dq.h, s.heads_kv = dk.h, s.seq_q = dq.n, s.seq_kv = dk.n, s.head_dim = dq.d;
   s.padded_dim = dq.d <= 64 ? 64 : dq.d <= 128 ? 128 : 256;
   s.block_k = sm90 ? kSm90BlockK : kSm80BlockK;
-  s.padded_q = round_up(dq.n, sm90 ? sm90_block_q(s.padded_dim) : kSm80BlockQ);
+  s.key_mask = key_bias.has_value();
+  s.padded_q = round_up(dq.n, sm90 ? sm90_block_q(s.padded_dim, s.key_mask) : kSm80BlockQ);
   s.padded_kv = round_up(std::max<int64_t>(dk.n, 1), s.block_k);
 
   // The split tiles' buffers of a chunk of `batch` (the last, smaller chunk may split more tiles).

@@ -15,11 +15,13 @@ constexpr int kKeyBiasAlign = 128;  // AttentionArgs::key_bias_width's multiple
 constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
 // The wgmma family's tile (comfy_sage/tiling.py SM90): consumer warpgroups of 64 Q rows (warps of 16), four
-// at head dim 64 and three at 128 (sm90/attention_kernel.cuh says why); 128 keys a step, and its K scales
-// are per 128-key block.
+// at head dim 64 and three at 128, and three at 64 with a key mask (sm90/attention_kernel.cuh says why); 128
+// keys a step, and its K scales are per 128-key block.
 constexpr int kSm90WgRows = 64;
-constexpr int sm90_consumers(int padded_dim) { return padded_dim <= 64 ? 4 : 3; }
-constexpr int sm90_block_q(int padded_dim) { return sm90_consumers(padded_dim) * kSm90WgRows; }
+constexpr int sm90_consumers(int padded_dim, bool key_mask) { return padded_dim <= 64 && !key_mask ? 4 : 3; }
+constexpr int sm90_block_q(int padded_dim, bool key_mask) {
+  return sm90_consumers(padded_dim, key_mask) * kSm90WgRows;
+}
 constexpr int kSm90BlockK = 128;
 
 // kv_stats's CTAs per K/V head ("parts"): 256 tokens each, and past 64 CTAs more tokens each. Every part
@@ -64,6 +66,7 @@ struct Shape {
   int batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, padded_dim;
   int padded_q, padded_kv;  // seq_q, seq_kv rounded up to the CTA's Q and K blocks
   int block_k;              // the attention kernel's K block: the unit of K's quantization groups
+  bool key_mask;            // AttentionArgs::key_bias is set (the wgmma kernel's Q block depends on it)
 };
 
 // Buffers written by the fused quantization and read by the attention kernel (all contiguous).

@@ -1,7 +1,8 @@
 // The wgmma attention kernel (Hopper, sm_90a): INT8 Q·Kᵀ and FP8 or INT8 P·V on warpgroup tensor cores.
 //
-// One CTA = one (batch, q head, block of sm90_block_q: 192 query rows at head dim 128, 256 at 64), or a
-// part of one along the keys when the tiles leave a short last wave (Sm90Split below); 4 or 5 warpgroups:
+// One CTA = one (batch, q head, block of sm90_block_q: 192 query rows at head dim 128, 256 at 64 (192 with a
+// key mask)), or a part of one along the keys when the tiles leave a short last wave (Sm90Split below); 4 or 5
+// warpgroups:
 //   warpgroup 0, the producer: one thread loads Q once and then K and V blocks of kSm90BlockK = 128 keys
 //     through TMA into a ring of kStages shared-memory stages ("full" mbarriers complete on the bytes;
 //     "empty" mbarriers count the consumer warps that are done with a stage). It gives its registers away
@@ -72,7 +73,7 @@ constexpr int kSm90MinBlocksPerPart = 2;  // each part still pays a CTA's start 
 constexpr double kSm90MinSplitGain = 0.08;
 
 inline Sm90Split sm90_split(const Shape& s, bool causal, int sms) {
-  const int64_t tiles = static_cast<int64_t>(s.padded_q / sm90_block_q(s.padded_dim)) * s.heads_q * s.batch;
+  const int64_t tiles = static_cast<int64_t>(s.padded_q / sm90_block_q(s.padded_dim, s.key_mask)) * s.heads_q * s.batch;
   const int k_blocks = (s.seq_kv + kSm90BlockK - 1) / kSm90BlockK;
   const int64_t tail = sms > 0 ? tiles % sms : 0;
   Sm90Split plan;
@@ -96,15 +97,17 @@ struct Sm90Params {
   Sm90Split split;
 };
 
-template <int kDim, PvType kPv>
+template <int kDim, PvType kPv, bool kKeyBias = false>
 struct Sm90Traits {
   static constexpr bool kIntPv = kPv == PvType::kInt8;
   static_assert(kPv == PvType::kFp8 || kIntPv, "wgmma kernel: FP8 or INT8 P·V");
   // Consumer warpgroups: as many as the register file holds (see kConsumerRegs); each one more per SM
   // hides more of the others' latencies (docs/hopper-notes.md: h5, g6).
-  static constexpr int kConsumers = sm90_consumers(kDim);
+  // With a key mask, three at head dim 64 too: at 112 registers the masked body's bias and scores pushed the
+  // O accumulator to local memory in every block (B2 H10 N4,096: 2.2× the unmasked time; with 160, 1.0x).
+  static constexpr int kConsumers = sm90_consumers(kDim, kKeyBias);
   static constexpr int kWgRows = kSm90WgRows;  // query rows per consumer
-  static constexpr int kBlockQ = sm90_block_q(kDim);
+  static constexpr int kBlockQ = sm90_block_q(kDim, kKeyBias);
   static constexpr int kBlockK = kSm90BlockK;
   static constexpr int kThreads = (kConsumers + 1) * 128;
   // K/V blocks in flight: 3 at head dim 128 (with INT8 P·V 1.5-2.6% faster than 4, with FP8 level to +1%;
@@ -123,7 +126,7 @@ struct Sm90Traits {
   // The consumers fit the register file only without keeping two K blocks' accumulators live at once, so
   // each consumer runs its block sequentially. At head dim 64 the fourth consumer's 112 registers spill a
   // few values in the K loop, and still gain 4-6% (g6).
-  static constexpr int kProducerRegs = 24, kConsumerRegs = kDim == 64 ? 112 : 160;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = kConsumers == 4 ? 112 : 160;
   // P̃ straight from registers as P̃·V's A operand instead of through shared memory: no stores, fence or
   // barrier per block. At head dim 64 only (the registers are there), with FP8 P·V only (INT8's conversions
   // then spill and run 20% slower, i5), and only in the plain instantiation: the split one measured 11% slower
@@ -154,9 +157,9 @@ struct Sm90Traits {
 // and none of the split code, which measurably slows the K loop of long sequences when merely present.
 // kKeyBias: AttentionArgs::key_bias is set (a key mask); the masked body adds it where a block's flags say so.
 template <int kDim, PvType kPv, bool kSplit, bool kKeyBias = false>
-__global__ void __launch_bounds__(Sm90Traits<kDim, kPv>::kThreads, 1)
+__global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
     sm90_attention_kernel(const __grid_constant__ Sm90Params p) {
-  using Tr = Sm90Traits<kDim, kPv>;
+  using Tr = Sm90Traits<kDim, kPv, kKeyBias>;
   constexpr bool kIntPv = Tr::kIntPv;
   constexpr bool kSoftmaxUnderPv = kIntPv && Tr::kIntInPlace;  // see the K loop
   using OAcc = std::conditional_t<kIntPv, int32_t, float>;  // the P̃·V accumulator

@@ -77,7 +77,7 @@ int sm_count() {
 
 template <int kDim, PvType kPv, bool kKeyBias>
 cudaError_t launch(const AttentionArgs& a, cudaStream_t stream) {
-  using Tr = Sm90Traits<kDim, kPv>;
+  using Tr = Sm90Traits<kDim, kPv, kKeyBias>;
   const Shape& s = a.shape;
   Sm90Params p{};
   p.args = a;
@@ -139,8 +139,8 @@ bool sm90_runs_on_current_device() {
 void sm90_split_buffers(const Shape& s, bool causal, int64_t* partial_floats, int* counters) {
   const Sm90Split plan = sm90_split(s, causal, sm_count());
   *partial_floats =
-      static_cast<int64_t>(plan.split_tiles) * plan.splits * sm90_block_q(s.padded_dim) * (s.padded_dim + 2);
-  *counters = plan.split_tiles * sm90_consumers(s.padded_dim);  // one per tile and consumer warpgroup
+      static_cast<int64_t>(plan.split_tiles) * plan.splits * sm90_block_q(s.padded_dim, s.key_mask) * (s.padded_dim + 2);
+  *counters = plan.split_tiles * sm90_consumers(s.padded_dim, s.key_mask);  // one per tile and consumer warpgroup
 }
 
 cudaError_t run_sm90_attention(const AttentionArgs& a, cudaStream_t stream) {
