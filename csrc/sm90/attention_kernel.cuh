@@ -104,7 +104,8 @@ struct Sm90Traits {
   // Consumer warpgroups: as many as the register file holds (see kConsumerRegs); each one more per SM
   // hides more of the others' latencies (docs/hopper-notes.md: h5, g6).
   // With a key mask, three at head dim 64 too: at 112 registers the masked body's bias and scores pushed the
-  // O accumulator to local memory in every block (B2 H10 N4,096: 2.2× the unmasked time; with 160, 1.0x).
+  // O accumulator to local memory in every block (B1 H24 N16,384 with a text-padding mask: 1.32× the unmasked
+  // time; with 160 registers 1.20×; docs/hopper-notes.md km2).
   static constexpr int kConsumers = sm90_consumers(kDim, kKeyBias);
   static constexpr int kWgRows = kSm90WgRows;  // query rows per consumer
   static constexpr int kBlockQ = sm90_block_q(kDim, kKeyBias);
