@@ -25,7 +25,13 @@ TORCH_2_10 = "0x020a000000000000"
 MIN_NVCC = {"8.9": (11, 8), "10.0a": (12, 8), "12.0": (12, 8), "12.0a": (12, 8), "12.0f": (12, 9)}
 
 # The extension's sources. Each .cu file builds for every arch of the list unless SOURCE_ARCHS narrows it.
-sources = ["csrc/binding.cpp", "csrc/quant/quantize.cu", "csrc/sm80/launch.cu", "csrc/sm90/launch.cu"]
+sources = [
+    "csrc/binding.cpp",
+    "csrc/attention/key_bias.cu",
+    "csrc/quant/quantize.cu",
+    "csrc/sm80/launch.cu",
+    "csrc/sm90/launch.cu",
+]
 # Sources that build only for some archs (wgmma/TMA code: sm_90a only), e.g. "csrc/sm90/launch.cu": ("9.0a",).
 # A source none of whose archs is in the build's list is left out and COMFY_SAGE_NO_<ITS DIR> is defined
 # (COMFY_SAGE_NO_SM90), so the binding can leave its launcher out too.

@@ -30,6 +30,7 @@ LOG2E = math.log2(math.e)
 # division by a dequantization scale cannot overflow it to −inf.
 FINITE_BIAS_FLOOR = -1e25
 _FLAG_KEYS = 64  # keys per key_bias flag: the mma.sync kernel's K block
+_MAX_KEY_BIAS_ROWS = 65_535  # the key_bias op's grid rows
 # What the op's error says when an allocation failed (csrc/binding.cpp kOutOfMemory): the GPU is out of memory,
 # and the call needs this many bytes.
 OUT_OF_MEMORY = "comfy_sage: out of GPU memory"
@@ -50,6 +51,12 @@ def register_fakes() -> None:
     def _attention_fake(q, k, v, layout, qk_bits, pv, is_causal, sm_scale, return_lse, family=80, key_bias=None):
         return torch.empty_like(q), empty_lse(q, layout == LAYOUT_CODES["NHD"], return_lse)
 
+    if hasattr(torch.ops.comfy_sage, "key_bias"):  # absent from extensions built before it
+
+        @torch.library.register_fake("comfy_sage::key_bias")
+        def _key_bias_fake(mask):
+            return mask.new_empty((mask.shape[0], key_bias_row_length(mask.shape[1])), dtype=torch.float32)
+
 
 def out_of_memory_bytes(error: BaseException) -> int | None:
     """When `error`, raised by a kernel call, says the GPU had no memory left for the output or the quantized
@@ -69,6 +76,16 @@ def empty_lse(q: torch.Tensor, nhd: bool, return_lse: bool) -> torch.Tensor:
 
 
 def key_bias(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch.Tensor:
+    """`key_bias_reference`'s values, on a CUDA device by one kernel launch (csrc/attention/key_bias.cu) where the
+    extension has loaded: the reference's ten small operations cost ~18 µs of GPU time and 130-160 µs of host time
+    a call on the H100 machine, against 14-27 µs of host time for the op (docs/hopper-notes.md km3)."""
+    mask = attn_mask.reshape(rows, seq_kv)
+    if mask.is_cuda and rows <= _MAX_KEY_BIAS_ROWS and hasattr(torch.ops.comfy_sage, "key_bias"):
+        return torch.ops.comfy_sage.key_bias(mask)
+    return key_bias_reference(mask, rows, seq_kv)
+
+
+def key_bias_reference(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch.Tensor:
     """A key mask (`_inputs.key_mask_rows` gave `rows`) as the kernel takes it (csrc/attention/params.h): a bias
     on its log2-domain scores, [rows, width + flags] float32 with width = N_kv rounded up to KEY_BIAS_ALIGN: the
     bias of each key (−inf for a masked key: False, or −inf; −inf past N_kv), then a flag per 64 keys, 1 where any
@@ -81,7 +98,7 @@ def key_bias(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch.Tensor:
     mask = attn_mask.reshape(rows, seq_kv)
     width = -(-seq_kv // KEY_BIAS_ALIGN) * KEY_BIAS_ALIGN
     blocks = width // _FLAG_KEYS
-    out = torch.zeros((rows, width + -(-blocks // 4) * 4), dtype=torch.float32, device=mask.device)
+    out = torch.zeros((rows, key_bias_row_length(seq_kv)), dtype=torch.float32, device=mask.device)
     bias, flags = out[:, :width], out[:, width : width + blocks]
     bias[:, seq_kv:] = -math.inf
     if mask.dtype == torch.bool:
@@ -91,6 +108,12 @@ def key_bias(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch.Tensor:
         bias[:, :seq_kv] = torch.where(values == -math.inf, values, (values * LOG2E).clamp(min=FINITE_BIAS_FLOOR))
     flags.copy_(bias.unflatten(1, (-1, _FLAG_KEYS)).ne(0.0).any(-1))
     return out
+
+
+def key_bias_row_length(seq_kv: int) -> int:
+    """key_bias's row: N_kv rounded up to KEY_BIAS_ALIGN values, then their flags rounded up to 4."""
+    width = -(-seq_kv // KEY_BIAS_ALIGN) * KEY_BIAS_ALIGN
+    return width + -(-(width // _FLAG_KEYS) // 4) * 4
 
 
 def _aligned(x: torch.Tensor) -> torch.Tensor:

@@ -260,6 +260,42 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   return {out, lse};
 }
 
+// A key mask [rows, seq_kv] (any strides; bool, float16, bfloat16, float32 or float64) as `attention`'s key_bias:
+// [rows, width + flags] float32 (attention/key_bias.cu; comfy_sage/ops.py key_bias), in one launch.
+Tensor key_bias(Tensor mask) {
+  STD_TORCH_CHECK(mask.dim() == 2, "mask must be 2-D [rows, seq_kv]");
+  STD_TORCH_CHECK(mask.is_cuda(), "mask must be a CUDA tensor");
+  const ScalarType dtype = mask.scalar_type();
+  MaskType type;
+  switch (dtype) {
+    case ScalarType::Bool: type = MaskType::kBool; break;
+    case ScalarType::Half: type = MaskType::kFloat16; break;
+    case ScalarType::BFloat16: type = MaskType::kBFloat16; break;
+    case ScalarType::Float: type = MaskType::kFloat32; break;
+    case ScalarType::Double: type = MaskType::kFloat64; break;
+    default: STD_TORCH_CHECK(false, "mask must be bool, float16, bfloat16, float32 or float64");
+  }
+  const int64_t rows = mask.size(0), seq_kv = mask.size(1);
+  STD_TORCH_CHECK(rows >= 1 && rows <= 65535 && seq_kv >= 1 && seq_kv <= INT32_MAX - kKeyBiasAlign,
+                  "mask must have 1 to 65,535 rows and at least one key");
+  const int64_t width = round_up(seq_kv, kKeyBiasAlign), row_length = width + round_up(width / kSm80BlockK, 4);
+  const int64_t device = mask.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  void* stream_ptr = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_ptr) == AOTI_TORCH_SUCCESS,
+                  "could not get the current CUDA stream");
+  const std::array<int64_t, 2> sizes{rows, row_length};
+  Tensor out = torch::stable::new_empty(mask, torch::headeronly::IntHeaderOnlyArrayRef(sizes.data(), sizes.size()),
+                                        ScalarType::Float);
+  KeyBiasArgs a{};
+  a.rows = static_cast<int>(rows), a.seq_kv = static_cast<int>(seq_kv), a.width = static_cast<int>(width);
+  a.row_length = static_cast<int>(row_length), a.row_stride = mask.stride(0), a.key_stride = mask.stride(1);
+  a.out = static_cast<float*>(out.data_ptr());
+  const cudaError_t err = launch_key_bias(mask.data_ptr(), type, a, static_cast<cudaStream_t>(stream_ptr));
+  STD_TORCH_CHECK(err == cudaSuccess, "comfy_sage key_bias launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 // Whether kernel family `family` (80 or 90) has code for `device` (a CUDA device index). Host-side, no launch.
 bool runs_on(int64_t device, int64_t family) {
   torch::stable::accelerator::DeviceGuard guard(device);
@@ -272,10 +308,14 @@ STABLE_TORCH_LIBRARY(comfy_sage, m) {
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, int layout, int qk_bits, int pv, bool is_causal, "
       "float sm_scale, bool return_lse, int family=80, Tensor? key_bias=None) -> (Tensor, Tensor)");
+  m.def("key_bias(Tensor mask) -> Tensor");
   m.def("runs_on(int device, int family=80) -> bool");
 }
 
-STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CUDA, m) { m.impl("attention", TORCH_BOX(&attention)); }
+STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CUDA, m) {
+  m.impl("attention", TORCH_BOX(&attention));
+  m.impl("key_bias", TORCH_BOX(&key_bias));
+}
 STABLE_TORCH_LIBRARY_IMPL(comfy_sage, CompositeExplicitAutograd, m) { m.impl("runs_on", TORCH_BOX(&runs_on)); }
 
 // An importable, empty Python module (abi3: no pybind11); the ops live in torch.ops.comfy_sage.

@@ -10,6 +10,17 @@ namespace comfy_sage {
 
 cudaError_t run_sm80_attention(const AttentionArgs& args, cudaStream_t stream);
 
+// A key mask [rows][seq_kv] (element strides row_stride, key_stride) into AttentionArgs::key_bias's layout:
+// `out` is [rows][row_length] float32, row_length = width + width / kSm80BlockK flags rounded up to 4
+// (key_bias.cu).
+enum class MaskType { kBool, kFloat16, kBFloat16, kFloat32, kFloat64 };
+struct KeyBiasArgs {
+  int rows, seq_kv, width, row_length;
+  int64_t row_stride, key_stride;
+  float* out;
+};
+cudaError_t launch_key_bias(const void* mask, MaskType type, const KeyBiasArgs& args, cudaStream_t stream);
+
 // Whether this build holds code that runs on the current CUDA device.
 bool sm80_runs_on_current_device();
 

@@ -12,6 +12,10 @@ constexpr int kSm80BlockQ = 128;
 constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
 constexpr int kKeyBiasAlign = 128;  // AttentionArgs::key_bias_width's multiple
+// The most negative finite key bias (log2 domain): a finite mask value stays finite (bfloat16's −finfo.max,
+// the padding ComfyUI's models use, would overflow to −inf), so a row whose every key has one averages V, as
+// PyTorch's attention does (comfy_sage/ops.py FINITE_BIAS_FLOOR).
+constexpr float kFiniteBiasFloor = -1e25f;
 constexpr int sm80_block_q(int padded_dim) { return padded_dim > 128 ? kSm80BlockQ / 2 : kSm80BlockQ; }
 
 // The wgmma family's tile (comfy_sage/tiling.py SM90): consumer warpgroups of 64 Q rows (warps of 16), four

@@ -12,7 +12,7 @@ import torch
 from kernel_checks import inputs, poisoned, seed
 
 import comfy_sage
-from comfy_sage import api, capability, dispatch, reference
+from comfy_sage import api, capability, dispatch, ops, reference
 from comfy_sage.modes import Mode
 
 MODES = (Mode.INT8_FP8, Mode.INT8_FP16, Mode.INT8_INT8)
@@ -164,3 +164,33 @@ def test_other_masks_still_run_pytorch_attention():
     per_row = torch.rand(64, 96, device="cuda") > 0.3
     plan = api.plan_for(q, k, v, mode=Mode.INT8_FP8, attn_mask=per_row)
     assert plan.fallback and dispatch.MASK_REASON in plan.reason
+
+
+@pytest.mark.parametrize("dtype", (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64), ids=str)
+def test_the_key_bias_op_gives_the_reference_values(dtype):
+    """The one-launch op ops.key_bias runs on a GPU against the tensor operations that specify it
+    (ops.key_bias_reference), bit for bit, output poisoned: key counts around the 64-key flags and the 128-key
+    rows, strided and broadcast masks, one row or a batch, and the values that need care (−inf, −finfo.max, NaN,
+    +inf, ±0, tiny and huge)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed())
+    reused_count, cases = 0, 0
+    specials = torch.tensor([-math.inf, -3.4e38, math.nan, math.inf, 0.0, -0.0, 1e-30, -1e30, -65504.0], device="cuda")
+    for rows, seq_kv, layout in itertools.product((1, 3), (1, 63, 64, 65, 127, 128, 129, 1000, 4097), range(3)):
+        values = torch.randn(rows, 2 * seq_kv, generator=gen, device="cuda") * 30
+        spots = torch.rand(values.shape, generator=gen, device="cuda") < 0.1
+        values[spots] = specials[torch.randint(0, len(specials), (int(spots.sum()),), generator=gen, device="cuda")]
+        full = values > 0 if dtype == torch.bool else values.to(dtype)
+        # contiguous, every other key (key stride 2), or one row broadcast to all (row stride 0)
+        mask = (full[:, :seq_kv], full[:, ::2], full[:1, :seq_kv].expand(rows, seq_kv))[layout]
+        expected = ops.key_bias_reference(mask, rows, seq_kv)
+        got, reused = poisoned(expected, torch.ops.comfy_sage.key_bias, mask)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=f"{rows} x {seq_kv} ({layout})")
+        reused_count, cases = reused_count + reused, cases + 1
+        four_d = mask.reshape(rows, 1, 1, seq_kv)
+        torch.testing.assert_close(ops.key_bias(four_d, rows, seq_kv), expected, rtol=0, atol=0, equal_nan=True)
+    # These outputs are small: the allocator's small pool may place one elsewhere than the freed poisoned block.
+    assert reused_count >= 0.8 * cases, f"the poisoned block was reused in {reused_count} of {cases} cases only"
+    # opcheck compares eager and traced outputs without equal_nan: a mask without NaN.
+    clean = torch.randn(2, 300, generator=gen, device="cuda")
+    clean = clean > 0 if dtype == torch.bool else clean.to(dtype)
+    torch.library.opcheck(torch.ops.comfy_sage.key_bias.default, (clean,))
