@@ -138,6 +138,32 @@ def test_an_all_true_mask_gives_the_unmasked_bits(family):
         assert torch.equal(masked, plain), mode
 
 
+def test_key_masks_under_compile_and_cuda_graphs(family):
+    """A key-masked call compiled with fullgraph=True gives the eager call's bits, and so does each replay of
+    its CUDA graph ("reduce-overhead") with a different mask every call: the mask's conversion into the kernels'
+    bias is part of the graph, not kept from the recording."""
+    torch._dynamo.reset()  # a graph recorded under the other family's test would replay its kernels
+
+    def fn(q, k, v, mask):
+        return comfy_sage.sageattn(q, k, v, attn_mask=mask, mode=Mode.INT8_INT8)
+
+    def padding(call):  # 100 more padded keys each call
+        mask = torch.zeros(1, 1, 1, 900, dtype=torch.bfloat16, device="cuda")
+        mask[..., 800 - 100 * call :] = -torch.finfo(torch.bfloat16).max
+        return mask
+
+    q, k, v = inputs(seed(), heads_q=4, heads_kv=2, nq=700, nkv=900, d=128, dtype=torch.bfloat16, layout="HND")
+    compiled = torch.compile(fn, fullgraph=True)(q, k, v, padding(0))
+    torch.testing.assert_close(compiled, fn(q, k, v, padding(0)), atol=0, rtol=0)
+    graphs = torch.compile(fn, mode="reduce-overhead")
+    outputs = []
+    for call in range(4):  # warm-up, recording, then replays
+        got = graphs(q, k, v, padding(call)).clone()  # a replay's output is overwritten by the next
+        torch.testing.assert_close(got, fn(q, k, v, padding(call)), atol=0, rtol=0, msg=f"call {call}")
+        outputs.append(got)
+    assert not torch.equal(outputs[2], outputs[3]), "the masks differ, so must the outputs"
+
+
 def test_masked_keys_do_not_count(family):
     """Keys a mask takes out change nothing, whatever their values: K and V of the masked keys replaced by
     large random values give the same output within the quantization's reach (their values still enter K's
