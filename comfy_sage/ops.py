@@ -80,7 +80,7 @@ def key_bias(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch.Tensor:
     extension has loaded: the reference's ten small operations cost ~18 µs of GPU time and 130-160 µs of host time
     a call on the H100 machine, against 14-27 µs of host time for the op (docs/hopper-notes.md km3)."""
     mask = attn_mask.reshape(rows, seq_kv)
-    if mask.is_cuda and rows <= _MAX_KEY_BIAS_ROWS and hasattr(torch.ops.comfy_sage, "key_bias"):
+    if mask.is_cuda and 0 < rows <= _MAX_KEY_BIAS_ROWS and hasattr(torch.ops.comfy_sage, "key_bias"):
         return torch.ops.comfy_sage.key_bias(mask)
     return key_bias_reference(mask, rows, seq_kv)
 

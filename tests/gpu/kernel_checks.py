@@ -209,9 +209,10 @@ def check_deterministic(family: str, modes) -> None:
 
 
 def check_empty_inputs(family: str, modes) -> None:
-    """Calls with nothing to compute (an empty batch, no query heads, no query tokens) return empty results and
-    calls without keys zeros and an LSE of −inf, in the kernel modes and in "sdpa", in both layouts: no grid of
-    size 0 is launched, and PyTorch's attention, which returns None for an empty batch on CUDA, is not asked."""
+    """Calls with nothing to compute (an empty batch, no query heads, no query tokens) return empty results, with
+    or without a key mask, and calls without keys zeros and an LSE of −inf, in the kernel modes and in "sdpa", in
+    both layouts: no grid of size 0 is launched, and PyTorch's attention, which returns None for an empty batch
+    on CUDA, is not asked."""
     shapes = {  # (batch, heads_q, heads_kv, seq_q, seq_kv)
         "empty batch": (0, 4, 2, 16, 16),
         "no query heads": (1, 0, 2, 16, 16),
@@ -231,6 +232,10 @@ def check_empty_inputs(family: str, modes) -> None:
             assert lse.shape == (b, hq, nq) and lse.dtype == torch.float32, where
             assert (out == 0).all() and (lse == -math.inf).all(), where
             assert comfy_sage.sageattn(q, k, v, mode=mode, tensor_layout=layout).shape == q.shape, where
+            if nkv:  # with a key mask too (every key kept): its conversion has no rows for an empty batch
+                keep = torch.ones(b, 1, 1, nkv, dtype=torch.bool, device="cuda")
+                out = comfy_sage.sageattn(q, k, v, attn_mask=keep, mode=mode, tensor_layout=layout)
+                assert out.shape == q.shape and (out == 0).all(), f"{where}, key mask"
 
 
 def check_beyond_grid_limits(family: str, mode: Mode) -> None:
