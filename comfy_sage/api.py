@@ -74,9 +74,10 @@ def sageattn(
         N_q = N_kv); rows that see no key give 0.
     scale (or sm_scale, the same; give one): softmax scale, default 1/sqrt(D).
     mode: "auto" (the fastest accurate mode for this GPU; on Hopper PyTorch attention where that is faster:
-        fewer than 4,096 query or key tokens, 8,192 causal, or head dims above 128), "int8_fp8", "int4_fp8",
-        "int8_fp16", "int4_fp16", "int8_int8" (INT8 Q·Kᵀ and INT8 P·V with exact integer sums: more accurate than
-        "int8_fp8", native on every GPU the kernels support), or "sdpa" (PyTorch attention); a `Mode` works too.
+        fewer than 4,096 query or key tokens, 8,192 causal, 2,560 with a key mask, or head dims above 128),
+        "int8_fp8", "int4_fp8", "int8_fp16", "int4_fp16", "int8_int8" (INT8 Q·Kᵀ and INT8 P·V with exact integer
+        sums: more accurate than "int8_fp8", native on every GPU the kernels support), or "sdpa" (PyTorch
+        attention); a `Mode` works too.
     return_lse: also return the natural-log log-sum-exp of the scaled logits, [B, H_q, N_q] float32.
 
     A call no kernel can run (no CUDA GPU, an older GPU, a mask other than a key mask, dropout, a head dim outside

@@ -44,6 +44,10 @@ HOPPER_FP8_PV_MAX_HEAD_DIM = 64
 # SM90_MAX_HEAD_DIM), which only the mma.sync kernel computes there, 1.6-2.4× slower than cuDNN. Explicit modes
 # and calls asking for the LSE (which PyTorch's attention computes in a second pass) keep the kernels.
 HOPPER_AUTO_MIN_TOKENS = 4096
+# With a key mask the line is lower: PyTorch's attention leaves cuDNN for a slower path (1.4-1.6× its unmasked
+# time) while the kernels add the bias only in the blocks that have one, and the kernel measured faster from
+# 2,048 tokens at head dim 128 and 2,560 at 64 (docs/hopper-notes.md x10).
+HOPPER_AUTO_MIN_TOKENS_KEY_MASK = 2560
 # Why a call with a mask that is not a key mask (one value per key for every head and query row) falls back.
 MASK_REASON = "the kernels take key masks only (one value per key, the same for every head and query row)"
 # The kernels' grids carry the query heads in a dimension of at most 65,535 (csrc/binding.cpp runs larger
@@ -155,6 +159,14 @@ def prefer_family(family: str | None) -> Iterator[None]:
         _preferred_family = previous
 
 
+def hopper_auto_min_tokens(is_causal: bool, key_mask: bool) -> int:
+    """The fewest query or key tokens for which Hopper's `auto` runs the kernel (a key mask and `is_causal` are
+    never combined)."""
+    if key_mask:
+        return HOPPER_AUTO_MIN_TOKENS_KEY_MASK
+    return 2 * HOPPER_AUTO_MIN_TOKENS if is_causal else HOPPER_AUTO_MIN_TOKENS
+
+
 def plan(
     mode: Mode,
     device: torch.device,
@@ -171,15 +183,13 @@ def plan(
 ) -> Plan:
     """The plan for one call's static properties (cached; never reads tensor data). The token counts (0:
     unknown) matter only past INT8_PV_MAX_KEYS keys, where INT8 P·V's int32 row sums could overflow, and to
-    Hopper's `auto` below HOPPER_AUTO_MIN_TOKENS, with `is_causal` and `return_lse`; the query heads (0:
+    Hopper's `auto` below `hopper_auto_min_tokens`, with `is_causal` and `return_lse`; the query heads (0:
     unknown) only past MAX_KERNEL_HEADS. `key_mask`: the call's mask depends on the key alone (`has_mask` is then
     False), which both kernel families take with INT8 Q·Kᵀ."""
     long_rows = seq_kv > INT8_PV_MAX_KEYS
     auto_lse = return_lse and mode is Mode.AUTO
     few_tokens = (
-        mode is Mode.AUTO
-        and not return_lse
-        and 0 < min(seq_q, seq_kv) < (2 * HOPPER_AUTO_MIN_TOKENS if is_causal else HOPPER_AUTO_MIN_TOKENS)
+        mode is Mode.AUTO and not return_lse and 0 < min(seq_q, seq_kv) < hopper_auto_min_tokens(is_causal, key_mask)
     )
     many_heads = heads_q > MAX_KERNEL_HEADS
     key = (
@@ -262,6 +272,8 @@ def _plan(
                 else "a build without sm_90a code"
             )
             why = f"{where}, where only the mma.sync kernel runs"
+        elif few_tokens and key_mask:
+            why = f"key-masked calls with fewer than {HOPPER_AUTO_MIN_TOKENS_KEY_MASK:,} query or key tokens"
         elif few_tokens:
             fewest = HOPPER_AUTO_MIN_TOKENS
             why = f"calls with fewer than {fewest:,} query or key tokens ({2 * fewest:,} when causal)"

@@ -49,8 +49,10 @@ def summary(device: torch.device | str | None = None) -> dict:
         auto[str(head_dim)] = describe(long) + ("" if short == long else f"; 1,024 tokens: {describe(short)}")
     info["auto"] = auto
     # Masks, at head dim 128: a key mask (one value per key: text padding) and any other.
+    long = dispatch.plan(Mode.AUTO, device, 128, torch.bfloat16, False, key_mask=True)
+    short = dispatch.plan(Mode.AUTO, device, 128, torch.bfloat16, False, 1024, seq_q=1024, key_mask=True)
     info["masks"] = {
-        "key mask": describe(dispatch.plan(Mode.AUTO, device, 128, torch.bfloat16, False, key_mask=True)),
+        "key mask": describe(long) + ("" if short == long else f"; 1,024 tokens: {describe(short)}"),
         "other masks": describe(dispatch.plan(Mode.AUTO, device, 128, torch.bfloat16, True)),
     }
     info["other_gpus"] = other_gpus(device)

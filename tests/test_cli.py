@@ -300,6 +300,14 @@ def test_doctor_says_what_runs_masked_calls(fresh_state, monkeypatch):
     assert "  key mask    int8_int8 (mma.sync kernel)" in doctor.render(info)
     dispatch.clear_cache()
     assert all(what.startswith("sdpa (") for what in doctor.summary("cpu")["masks"].values())
+    # An H100: the wgmma kernel, and PyTorch attention for key-masked calls of fewer than 2,560 tokens.
+    monkeypatch.setattr(capability, "device_capability", lambda device: (9, 0) if device.type == "cuda" else None)
+    monkeypatch.setattr(capability, "kernel_status", lambda: capability.KernelStatus(True, None, ("sm_90a",)))
+    dispatch.clear_cache()
+    key_mask = doctor.summary("cuda:0")["masks"]["key mask"]
+    assert key_mask.startswith("int8_int8 (wgmma kernel); 1,024 tokens: sdpa (")
+    assert "key-masked calls with fewer than 2,560 query or key tokens" in key_mask
+    dispatch.clear_cache()
 
 
 def test_bench_key_mask_option(monkeypatch, capsys):

@@ -643,8 +643,16 @@ def test_key_masks_on_hopper(gpu):
     with dispatch.prefer_family("sm80"):
         assert key_plan("int8_fp8").kernel.family == "sm80"
     assert key_plan("int8_fp16").kernel.family == "sm80"
-    few = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, 1000, seq_q=1000, key_mask=True)
-    assert few.fallback and few.faster  # as without a mask: PyTorch's attention below 4,096 tokens
+    # With a key mask `auto` keeps the kernel down to 2,560 tokens (4,096 without): PyTorch's masked attention
+    # leaves cuDNN.
+    for seq_q, seq_kv, kernel in ((1000, 1000, False), (2559, 9000, False), (9000, 2559, False), (2560, 2560, True)):
+        masked = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, seq_kv, seq_q=seq_q, key_mask=True)
+        unmasked = dispatch.plan(Mode.AUTO, CUDA, 128, torch.bfloat16, False, seq_kv, seq_q=seq_q)
+        assert unmasked.fallback and unmasked.faster, (seq_q, seq_kv)
+        if kernel:
+            assert not masked.fallback and masked.kernel.family == "sm90", (seq_q, seq_kv)
+        else:
+            assert routed_for_speed(masked, "key-masked calls with fewer than 2,560 query or key tokens")
     assert key_plan("auto", head_dim=256).fallback  # only the mma.sync kernel, slower than cuDNN there
 
 
