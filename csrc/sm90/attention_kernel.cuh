@@ -119,9 +119,11 @@ struct Sm90Traits {
   static constexpr int kVBytes = kDim * kBlockK;  // 8-bit V^T: kDim rows of kBlockK bytes
   static constexpr int kPBytes = kWgRows * kBlockK;  // one consumer's 8-bit P̃ tile
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
+  // A key mask's bias for each stage's K block, loaded with it (the masked body reads it from shared memory).
+  static constexpr int kBiasBytes = kKeyBias ? kBlockK * 4 : 0;
   // +1024: the tiles need 1024-byte alignment (one 128-byte swizzle pattern), dynamic shared memory has less.
   static constexpr int kSmemBytes =
-      kQBytes + kStages * (kKBytes + kVBytes) + kConsumers * kPBytes + kBarrierBytes + 1024;
+      kQBytes + kStages * (kKBytes + kVBytes) + kConsumers * kPBytes + kStages * kBiasBytes + kBarrierBytes + 1024;
   static constexpr int kSTiles = kBlockK / 8;  // 8-column tiles of S per row
   static constexpr int kOTiles = kDim / 8;
   // The consumers fit the register file only without keeping two K blocks' accumulators live at once, so
@@ -176,7 +178,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
   auto s_k = [&](int stage) { return base + Tr::kQBytes + stage * Tr::kKBytes; };
   auto s_v = [&](int stage) { return base + Tr::kQBytes + Tr::kStages * Tr::kKBytes + stage * Tr::kVBytes; };
   const uint32_t p_tiles = base + Tr::kQBytes + Tr::kStages * (Tr::kKBytes + Tr::kVBytes);
-  const uint32_t bars = p_tiles + Tr::kConsumers * Tr::kPBytes;
+  auto s_bias = [&](int stage) { return p_tiles + Tr::kConsumers * Tr::kPBytes + stage * Tr::kBiasBytes; };
+  const uint32_t bars = p_tiles + Tr::kConsumers * Tr::kPBytes + Tr::kStages * Tr::kBiasBytes;
   const uint32_t q_full = bars;
   auto full = [&](int stage) { return bars + 8 * (1 + stage); };
   auto empty = [&](int stage) { return bars + 8 * (1 + Tr::kStages + stage); };
@@ -236,9 +239,13 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
       for (int kb = kb0; kb < num_k_blocks; ++kb) {
         const int stage = (kb - kb0) % Tr::kStages, use = (kb - kb0) / Tr::kStages;
         if (use > 0) mbar_wait(empty(stage), (use - 1) & 1);
-        mbar_arrive_expect_tx(full(stage), Tr::kKBytes + Tr::kVBytes);
+        mbar_arrive_expect_tx(full(stage), Tr::kKBytes + Tr::kVBytes + Tr::kBiasBytes);
         tma_load_3d(s_k(stage), &p.k_map, 0, kb * Tr::kBlockK, bhkv, full(stage));
         tma_load_3d(s_v(stage), &p.v_map, kb * Tr::kBlockK, 0, bhkv, full(stage));
+        if constexpr (kKeyBias) {
+          bulk_load(s_bias(stage), a.key_bias + b * a.key_bias_batch_stride + kb * Tr::kBlockK, Tr::kBiasBytes,
+                    full(stage));
+        }
       }
     }
     // A dependent launch (the split tiles after the plain kernel's) ends only after the grid it depends on,
@@ -317,11 +324,14 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
     if constexpr (kKeyBias && decltype(masked)::value) {
       // A key mask: the masked body of every block it touches (and of the padded and causal ones). The scores
       // are unscaled here, so the bias enters divided by the scale; the row max is then taken on the floats.
+      // The block's bias came into shared memory with its K and V: read from global memory, a lane's 16 loads
+      // were issued at once and held 32 registers (head dim 64 with a mask: 1.5-5% slower; hopper-notes km5).
       const float inv_scale = __frcp_rn(scale);
-      const float2* bias = reinterpret_cast<const float2*>(key_bias + key0) + t;
+      const uint32_t bias = s_bias((kb - kb0) % Tr::kStages) + 8 * t;
 #pragma unroll
       for (int n = 0; n < Tr::kSTiles; ++n) {
-        const float2 bn = __ldg(bias + 4 * n);
+        float2 bn;
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(bn.x), "=f"(bn.y) : "r"(bias + 32 * n));
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
