@@ -119,8 +119,10 @@ struct Sm90Traits {
   static constexpr int kVBytes = kDim * kBlockK;  // 8-bit V^T: kDim rows of kBlockK bytes
   static constexpr int kPBytes = kWgRows * kBlockK;  // one consumer's 8-bit P̃ tile
   static constexpr int kBarrierBytes = 8 * (1 + 2 * kStages);
-  // A key mask's bias for each stage's K block, loaded with it (the masked body reads it from shared memory).
-  static constexpr int kBiasBytes = kKeyBias ? kBlockK * 4 : 0;
+  // A key mask's bias for each stage's K block, loaded with it, at head dim 64 (the masked body reads it from
+  // shared memory: 1.5-5% faster there than 16 global loads a lane; at 128 1.3% slower at N = 16k, so there the
+  // body loads it itself; docs/hopper-notes.md km5).
+  static constexpr int kBiasBytes = kKeyBias && kDim == 64 ? kBlockK * 4 : 0;
   // +1024: the tiles need 1024-byte alignment (one 128-byte swizzle pattern), dynamic shared memory has less.
   static constexpr int kSmemBytes =
       kQBytes + kStages * (kKBytes + kVBytes) + kConsumers * kPBytes + kStages * kBiasBytes + kBarrierBytes + 1024;
@@ -242,7 +244,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         mbar_arrive_expect_tx(full(stage), Tr::kKBytes + Tr::kVBytes + Tr::kBiasBytes);
         tma_load_3d(s_k(stage), &p.k_map, 0, kb * Tr::kBlockK, bhkv, full(stage));
         tma_load_3d(s_v(stage), &p.v_map, kb * Tr::kBlockK, 0, bhkv, full(stage));
-        if constexpr (kKeyBias) {
+        if constexpr (Tr::kBiasBytes > 0) {
           bulk_load(s_bias(stage), a.key_bias + b * a.key_bias_batch_stride + kb * Tr::kBlockK, Tr::kBiasBytes,
                     full(stage));
         }
@@ -324,14 +326,18 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
     if constexpr (kKeyBias && decltype(masked)::value) {
       // A key mask: the masked body of every block it touches (and of the padded and causal ones). The scores
       // are unscaled here, so the bias enters divided by the scale; the row max is then taken on the floats.
-      // The block's bias came into shared memory with its K and V: read from global memory, a lane's 16 loads
-      // were issued at once and held 32 registers (head dim 64 with a mask: 1.5-5% slower; hopper-notes km5).
+      // The block's bias: from the stage in shared memory (Sm90Traits::kBiasBytes), or from global memory.
       const float inv_scale = __frcp_rn(scale);
-      const uint32_t bias = s_bias((kb - kb0) % Tr::kStages) + 8 * t;
+      const uint32_t s_bias_lane = s_bias((kb - kb0) % Tr::kStages) + 8 * t;
+      const float2* g_bias_lane = reinterpret_cast<const float2*>(key_bias + key0) + t;
 #pragma unroll
       for (int n = 0; n < Tr::kSTiles; ++n) {
         float2 bn;
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(bn.x), "=f"(bn.y) : "r"(bias + 32 * n));
+        if constexpr (Tr::kBiasBytes > 0) {
+          asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(bn.x), "=f"(bn.y) : "r"(s_bias_lane + 32 * n));
+        } else {
+          bn = __ldg(g_bias_lane + 4 * n);
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
