@@ -116,6 +116,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   if (key_bias.has_value()) {  // comfy_sage/ops.py key_bias: [B or 1, width + flags] float32, contiguous
     const Tensor& kb = *key_bias;
     STD_TORCH_CHECK(qk_bits == 8, "key masks run with INT8 Q·K^T only");
+    STD_TORCH_CHECK(!is_causal, "a key mask and is_causal cannot be combined (fold the causal mask into the mask)");
     STD_TORCH_CHECK(kb.scalar_type() == ScalarType::Float && kb.dim() == 2, "key_bias must be 2-D float32");
     STD_TORCH_CHECK(kb.is_cuda() && kb.get_device_index() == device, "key_bias must be on q's CUDA device");
     STD_TORCH_CHECK(kb.is_contiguous() && reinterpret_cast<uintptr_t>(kb.data_ptr()) % 16 == 0,

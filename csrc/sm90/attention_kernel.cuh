@@ -338,11 +338,12 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         } else {
           bn = __ldg(g_bias_lane + 4 * n);
         }
+        // No padding or causal test: the bias is −inf past seq_kv, and a key mask never comes with the causal
+        // mask (the binding rejects the two together). 64 tests fewer per lane and block than in the masked body
+        // without a key mask.
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
-          const float biased_score = fmaf((e & 1) ? bn.y : bn.x, inv_scale, static_cast<float>(acc[4 * n + e]));
-          sf[n][e] = key >= s.seq_kv || (a.causal && key > row + diag) ? -kInf : biased_score;
+          sf[n][e] = fmaf((e & 1) ? bn.y : bn.x, inv_scale, static_cast<float>(acc[4 * n + e]));
         }
       }
       softmax.scores(sf, scale, exp_offset);
