@@ -185,6 +185,15 @@ def test_masked_keys_do_not_count(family):
         assert err <= 1.5 * ref_err + 1e-3, f"seed {s} {mode.value}: {err:.5f} vs reference {ref_err:.5f}"
 
 
+def test_the_op_rejects_a_key_mask_with_is_causal():
+    """The kernels' masked body relies on it (the bias covers the padding; no causal test): the op refuses the
+    pair, as `sageattn` and SDPA refuse a mask with is_causal."""
+    q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=64, nkv=64, d=64, dtype=torch.float16, layout="HND")
+    bias = ops.key_bias(torch.ones(1, 64, dtype=torch.bool, device="cuda"), 1, 64)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        torch.ops.comfy_sage.attention(q, k, v, 0, 8, ops.PV_CODES["fp8"], True, 0.125, False, 80, bias)
+
+
 def test_other_masks_still_run_pytorch_attention():
     q, k, v = inputs(seed(), heads_q=2, heads_kv=2, nq=64, nkv=96, d=64, dtype=torch.float16, layout="HND")
     per_row = torch.rand(64, 96, device="cuda") > 0.3
