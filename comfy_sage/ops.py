@@ -96,7 +96,7 @@ def key_bias_reference(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch
     −finfo.max, the padding value ComfyUI's models use, would overflow to −inf), so a row whose every key has
     one averages V as PyTorch's attention does, where −inf or False make it 0."""
     mask = attn_mask.reshape(rows, seq_kv)
-    width = -(-seq_kv // KEY_BIAS_ALIGN) * KEY_BIAS_ALIGN
+    width = key_bias_width(seq_kv)
     blocks = width // _FLAG_KEYS
     out = torch.zeros((rows, key_bias_row_length(seq_kv)), dtype=torch.float32, device=mask.device)
     bias, flags = out[:, :width], out[:, width : width + blocks]
@@ -110,9 +110,14 @@ def key_bias_reference(attn_mask: torch.Tensor, rows: int, seq_kv: int) -> torch
     return out
 
 
+def key_bias_width(seq_kv: int) -> int:
+    """key_bias's bias values a row: N_kv rounded up to KEY_BIAS_ALIGN."""
+    return -(-seq_kv // KEY_BIAS_ALIGN) * KEY_BIAS_ALIGN
+
+
 def key_bias_row_length(seq_kv: int) -> int:
-    """key_bias's row: N_kv rounded up to KEY_BIAS_ALIGN values, then their flags rounded up to 4."""
-    width = -(-seq_kv // KEY_BIAS_ALIGN) * KEY_BIAS_ALIGN
+    """key_bias's row: its bias values, then their flags rounded up to 4."""
+    width = key_bias_width(seq_kv)
     return width + -(-(width // _FLAG_KEYS) // 4) * 4
 
 

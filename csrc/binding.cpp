@@ -55,6 +55,14 @@ void check_input(const Tensor& x, const char* name, ScalarType dtype, int64_t de
   }
 }
 
+// PyTorch's current CUDA stream on `device`, where every launch goes.
+cudaStream_t current_stream(int64_t device) {
+  void* stream = nullptr;
+  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream) == AOTI_TORCH_SUCCESS,
+                  "could not get the current CUDA stream");
+  return static_cast<cudaStream_t>(stream);
+}
+
 // A fresh tensor on `like`'s device. A failed allocation (the GPU out of memory: besides the output, which PyTorch
 // attention allocates too, the quantized copies of Q, K and V take about half their bytes) raises an error that
 // starts with kOutOfMemory and says how many bytes the call needs in all; the Python side (comfy_sage/ops.py
@@ -128,9 +136,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   }
 
   torch::stable::accelerator::DeviceGuard guard(device);
-  void* stream_ptr = nullptr;
-  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_ptr) == AOTI_TORCH_SUCCESS,
-                  "could not get the current CUDA stream");
+  const cudaStream_t stream = current_stream(device);
 
   const std::array<int64_t, 4> out_sizes = layout == kLayoutHND ? std::array<int64_t, 4>{dq.b, dq.h, dq.n, dq.d}
                                                                  : std::array<int64_t, 4>{dq.b, dq.n, dq.h, dq.d};
@@ -232,7 +238,6 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   a.key_bias_batch_stride = key_bias.has_value() && key_bias->size(0) > 1 ? key_bias->size(1) : 0;
   a.key_bias_width = static_cast<int>(key_bias_width);
 
-  const auto stream = static_cast<cudaStream_t>(stream_ptr);
   auto* const q_bytes = static_cast<uint8_t*>(q.data_ptr());
   auto* const k_bytes = static_cast<uint8_t*>(k.data_ptr());
   auto* const v_bytes = static_cast<uint8_t*>(v.data_ptr());
@@ -282,9 +287,7 @@ Tensor key_bias(Tensor mask) {
   const int64_t width = round_up(seq_kv, kKeyBiasAlign), row_length = width + round_up(width / kSm80BlockK, 4);
   const int64_t device = mask.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  void* stream_ptr = nullptr;
-  STD_TORCH_CHECK(aoti_torch_get_current_cuda_stream(device, &stream_ptr) == AOTI_TORCH_SUCCESS,
-                  "could not get the current CUDA stream");
+  const cudaStream_t stream = current_stream(device);
   const std::array<int64_t, 2> sizes{rows, row_length};
   Tensor out = torch::stable::new_empty(mask, torch::headeronly::IntHeaderOnlyArrayRef(sizes.data(), sizes.size()),
                                         ScalarType::Float);
@@ -292,7 +295,7 @@ Tensor key_bias(Tensor mask) {
   a.rows = static_cast<int>(rows), a.seq_kv = static_cast<int>(seq_kv), a.width = static_cast<int>(width);
   a.row_length = static_cast<int>(row_length), a.row_stride = mask.stride(0), a.key_stride = mask.stride(1);
   a.out = static_cast<float*>(out.data_ptr());
-  const cudaError_t err = launch_key_bias(mask.data_ptr(), type, a, static_cast<cudaStream_t>(stream_ptr));
+  const cudaError_t err = launch_key_bias(mask.data_ptr(), type, a, stream);
   STD_TORCH_CHECK(err == cudaSuccess, "comfy_sage key_bias launch failed: ", cudaGetErrorString(err));
   return out;
 }
