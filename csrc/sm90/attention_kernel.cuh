@@ -324,12 +324,14 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
     const float scale = fmaxf(q_scale * k_scale, kMinScale);
     const int key0 = kb * Tr::kBlockK;
     if constexpr (kKeyBias && decltype(masked)::value) {
-      // A key mask: the masked body of every block it touches (and of the padded and causal ones). The scores
-      // are unscaled here, so the bias enters divided by the scale; the row max is then taken on the floats.
+      // A key mask: the masked body of every block it touches (the padded last block among them: its bias is
+      // −inf there). The scores are unscaled here, so the bias enters divided by the scale; the row max is then
+      // taken on the floats.
       // The block's bias: from the stage in shared memory (Sm90Traits::kBiasBytes), or from global memory.
       const float inv_scale = __frcp_rn(scale);
-      const uint32_t s_bias_lane = s_bias((kb - kb0) % Tr::kStages) + 8 * t;
-      const float2* g_bias_lane = reinterpret_cast<const float2*>(key_bias + key0) + t;
+      // This lane's keys n·8 + 2t, + 1 of n-tile n, in the stage's copy or in global memory (one is unused).
+      [[maybe_unused]] const uint32_t s_bias_lane = s_bias((kb - kb0) % Tr::kStages) + 8 * t;
+      [[maybe_unused]] const float2* g_bias_lane = reinterpret_cast<const float2*>(key_bias + key0) + t;
 #pragma unroll
       for (int n = 0; n < Tr::kSTiles; ++n) {
         float2 bn;
@@ -347,9 +349,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         }
       }
       softmax.scores(sf, scale, exp_offset);
-      return;
-    }
-    if constexpr (kSoftmaxUnderPv) {
+    } else if constexpr (kSoftmaxUnderPv) {
       // Each row's maximum over the lane's keys taken on the int32 S (exact: |S| < 2^24) beside the
       // conversions instead of after them.
       int part[2][2] = {{INT_MIN, INT_MIN}, {INT_MIN, INT_MIN}};
@@ -377,20 +377,20 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         lane_max[half] = mx == INT_MIN ? -kInf : static_cast<float>(mx);
       }
       softmax.scores(sf, lane_max, scale, exp_offset);
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int n = 0; n < Tr::kSTiles; ++n) {
+      for (int n = 0; n < Tr::kSTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sf[n][e] = static_cast<float>(acc[4 * n + e]);
-        if constexpr (decltype(masked)::value) {
-          const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
-          sf[n][e] = key >= s.seq_kv || (a.causal && key > row + diag) ? -kInf : sf[n][e];
+        for (int e = 0; e < 4; ++e) {
+          sf[n][e] = static_cast<float>(acc[4 * n + e]);
+          if constexpr (decltype(masked)::value) {
+            const int key = key0 + n * 8 + 2 * t + (e & 1), row = row0 + (e >> 1) * 8;
+            sf[n][e] = key >= s.seq_kv || (a.causal && key > row + diag) ? -kInf : sf[n][e];
+          }
         }
       }
+      softmax.scores(sf, scale, exp_offset);
     }
-    softmax.scores(sf, scale, exp_offset);
   };
   // P̃ (8-bit) into this consumer's tile: 64 rows of 128 key bytes, 128-byte swizzled (16-byte chunk index
   // XOR row mod 8) as the wgmma descriptor reads it. Keys of k step j sit at bytes 32j.. of the row in the
