@@ -136,7 +136,10 @@ def describe(results: dict[str, dict[str, float]]) -> str:
 @pytest.mark.parametrize("mode", ["int4_fp8", "int4_fp16"])
 def test_int4_needs_q_and_k_smoothing(mode: str, biased_1024: Case) -> None:
     # Measured (N=1024, 40 seeds), INT4+FP8 cos sim: none 0.855-0.916, K only 0.907-0.948, Q+K 0.950-0.971;
-    # Q+K − K ≥ 0.020 and Q+K − none ≥ 0.046 on every seed; rel L1 Q+K / K ≤ 0.77, Q+K / none ≤ 0.62.
+    # Q+K − K ≥ 0.020 and Q+K − none ≥ 0.046 on every seed; rel L1 Q+K / K ≤ 0.77, Q+K / none ≤ 0.62. Over 1,500
+    # later seeds: Q+K − K 0.0125-0.061 (1st percentile 0.0158), Q+K − none ≥ 0.028, rel L1 ratios ≤ 0.79 and
+    # ≤ 0.66; one draw outside them, seed 513221388 (COMFY_SAGE_TEST_SEED), has Q+K − K = 0.0109 and fails the
+    # first assertion in both modes: an easy draw (none 0.932), where smoothing has less to gain.
     # K only vs none is not asserted: it lowers the logit error (rms 1.1 → 0.67 on a draw where it lost), but
     # with Q unsmoothed the output error is so large that one draw's cos sim can go either way (1 seed in 40
     # had K only 0.009 below none).
