@@ -21,9 +21,10 @@ FP8_D64 = "_ZN10comfy_sage21sm90_attention_kernelILi64ELNS_6PvTypeE1ELb0ELb0EEEv
 EXPS = ["MUFU.EX2 R40, R40"] * 64
 
 
-def int8_block(wait_first: bool) -> list[str]:
-    wait = ["WARPGROUP.DEPBAR.LE gsb0, 0x0"]
-    softmax = wait + EXPS if wait_first else EXPS + wait
+def int8_block(wait_first: bool, before: int = 64) -> list[str]:
+    """One INT8 block whose P̃·V wait comes after `before` of its 64 exponentials (none if `wait_first`)."""
+    before = 0 if wait_first else before
+    softmax = [*EXPS[:before], "WARPGROUP.DEPBAR.LE gsb0, 0x0", *EXPS[before:]]
     return [
         "BAR.SYNC.DEFER_BLOCKING R11, 0x100",
         *["IGMMA.64x128x32.S8.S8 R24, gdesc[UR12], R24"] * 4,
@@ -76,6 +77,12 @@ def test_int8_head_dim_128_flags_the_product_waited_for_before_the_exponentials(
     result = findings(cuobjdump_text(INT8_D128, int8_block(False) + int8_block(True)))
     assert [f.ok for f in result] == [True, False]
     assert "0 of 64" in result[1].detail
+
+
+def test_int8_head_dim_128_needs_at_least_half_of_the_exponentials_before_the_wait():
+    result = findings(cuobjdump_text(INT8_D128, int8_block(False, before=32) + int8_block(False, before=31)))
+    assert [f.ok for f in result] == [True, False]
+    assert "32 of 64" in result[0].detail and "31 of 64" in result[1].detail
 
 
 def test_fp8_head_dim_64_passes_the_turn_after_the_softmax():
