@@ -53,11 +53,13 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int half = 0; half < 2; ++half) row_scores(s, half, lane_max(s, half), scale, offset);
   }
-  // `scores` for a caller that has each row's maximum over this lane's keys (unscaled) already.
+  // `scores` for a caller that has each row's maximum over this lane's keys (unscaled) already. kSeen: every
+  // row has a visible key in this block (no masked key at all), so no new row max is -inf.
+  template <bool kSeen = false>
   __device__ __forceinline__ void scores(float (&s)[kTiles][4], const float (&lane_max)[2], float scale,
                                          float offset) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) row_scores(s, half, lane_max[half], scale, offset);
+    for (int half = 0; half < 2; ++half) row_scores<kSeen>(s, half, lane_max[half], scale, offset);
   }
 
   // The maximum of row `half` over this lane's keys, as a tree of kWays independent chains: a single chain of
@@ -75,6 +77,7 @@ struct OnlineSoftmax {
 
   // Row `half` given `mx`, its maximum over this lane's keys: the quad's maximum, the rescale and the
   // exponentials, and the row sum (again as kWays chains).
+  template <bool kSeen = false>
   __device__ __forceinline__ void row_scores(float (&s)[kTiles][4], int half, float mx, float scale, float offset) {
     float part[kWays];
     // Each lane of the quad has its own K scale: compare scaled values across lanes. kIntegerMax rounds
@@ -84,7 +87,7 @@ struct OnlineSoftmax {
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float m_new = fmaxf(m[half], kIntegerMax ? ceilf(mx) : mx);
-    const float m_use = m_new == -kInf ? 0.f : m_new;
+    const float m_use = kSeen || m_new != -kInf ? m_new : 0.f;
     float alpha;
     if constexpr (kIntegerMax) {
       // The maxima are integers, so alpha = 2^-gap is built from its exponent bits, and neither it nor the
@@ -100,6 +103,9 @@ struct OnlineSoftmax {
     }
     this->alpha[half] = alpha;
     const float base = kIntegerMax ? __fsub_ru(m_use, offset) : m_use - offset;
+    // kIntegerMax: each chain starts from its first value rather than from 0 + it, the same sums (no
+    // exponential is -0) with one FADD fewer a chain. (The FP8 path keeps 0 +: its head-dim-64 loop's
+    // schedule changed with it; scripts/sass_schedule.py.)
 #pragma unroll
     for (int w = 0; w < kWays; ++w) part[w] = 0.f;
 #pragma unroll
@@ -107,7 +113,11 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int e = 2 * half; e < 2 * half + 2; ++e) {
         s[n][e] = fast_exp2(fmaf(s[n][e], scale, -base));
-        part[n % kWays] += s[n][e];
+        if (kIntegerMax && n < kWays && e == 2 * half) {
+          part[n] = s[n][e];
+        } else {
+          part[n % kWays] += s[n][e];
+        }
       }
     }
     const float sum = combine_sum(part);

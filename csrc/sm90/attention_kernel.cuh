@@ -370,13 +370,15 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
           part[e >> 1][n % 2] = max(part[e >> 1][n % 2], v);
         }
       }
+      // (In an unmasked block every score is finite, |S| < 2^24, so neither INT_MIN nor a -inf max can come up.)
+      constexpr bool kSeen = !decltype(masked)::value;
       float lane_max[2];
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int mx = max(part[half][0], part[half][1]);
-        lane_max[half] = mx == INT_MIN ? -kInf : static_cast<float>(mx);
+        lane_max[half] = !kSeen && mx == INT_MIN ? -kInf : static_cast<float>(mx);
       }
-      softmax.scores(sf, lane_max, scale, exp_offset);
+      softmax.template scores<kSeen>(sf, lane_max, scale, exp_offset);
     } else {
 #pragma unroll
       for (int n = 0; n < Tr::kSTiles; ++n) {
