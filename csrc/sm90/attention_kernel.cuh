@@ -420,11 +420,15 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
   // matrix's row i. With the tile 1024-byte aligned, row·128 leaves bits 4-6 clear, so the swizzled chunk
   // (2j + h) ^ (row mod 8) is this lane's (h ^ i) << 4 with j << 5 XORed in: one address a lane and k step,
   // where the 16 word stores took 16 addresses rebuilt every block (H100, CUDA graphs: Wan 14B +3%, N16k
-  // +4%, bit for bit the same; hopper notes, st1). The others keep the word stores: with stmatrix FP8 P·V at
+  // +4%, bit for bit the same; hopper notes st1). The others keep the word stores: with stmatrix FP8 P·V at
   // head dim 128 ran 2-8% slower, and head dim 64's split instantiations spilled more.
   static_assert(Tr::kBlockK == 128, "store_p's addresses assume 128-byte rows (the 128-byte swizzle)");
-  [[maybe_unused]] const uint32_t p_row =
-      s_p + (warp * 16 + (lane & 15)) * Tr::kBlockK + ((((lane >> 4) ^ lane) & 7) << 4);
+  // The in-place loop without a key mask holds the address through a lane shuffle of itself, which ptxas cannot
+  // recompute from the thread index: left as arithmetic, it rebuilt it in every block (9 instructions; H100,
+  // CUDA graphs: +1-1.5% at 16-75k tokens, hopper notes st3). With a key mask the same change put the P̃·V's
+  // wait before the exponentials (scripts/sass_schedule.py), so those instantiations keep the arithmetic.
+  [[maybe_unused]] uint32_t p_row = s_p + (warp * 16 + (lane & 15)) * Tr::kBlockK + ((((lane >> 4) ^ lane) & 7) << 4);
+  if constexpr (kDim == 128 && kIntPv && !kKeyBias) p_row = __shfl_sync(0xffffffffu, p_row, lane);
   auto store_p = [&](const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
     if constexpr (kDim == 128 && kIntPv) {
 #pragma unroll
