@@ -278,8 +278,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
   const uint32_t s_p = p_tiles + c * Tr::kPBytes;
 
   // S = Q̂·K̂ᵀ of one stage, issued (not waited for).
-  auto issue_qk = [&](int32_t (&acc)[Tr::kSTiles * 4], int stage) {
-    const uint64_t desc_k = make_smem_desc(s_k(stage), kDim);
+  // (issue_qk_at: for a caller that has the stage's K descriptor already.)
+  auto issue_qk_at = [&](int32_t (&acc)[Tr::kSTiles * 4], uint64_t desc_k) {
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kDim / 32; ++kk) {
@@ -291,11 +291,13 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
     }
     wgmma_commit();
   };
+  auto issue_qk = [&](int32_t (&acc)[Tr::kSTiles * 4], int stage) {
+    issue_qk_at(acc, make_smem_desc(s_k(stage), kDim));
+  };
   // P̃·V of one stage (32 keys per wgmma), issued: FP8 into a fresh accumulator `blk`, INT8 added into the
   // row's accumulator. P̃ from this consumer's shared-memory tile, or (kPRegs) from registers `pw`.
   const uint64_t desc_p = make_smem_desc(s_p, Tr::kBlockK);
-  auto issue_pv = [&](OAcc (&blk)[Tr::kOTiles * 4], int stage, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
-    const uint64_t desc_v = make_smem_desc(s_v(stage), Tr::kBlockK);
+  auto issue_pv_at = [&](OAcc (&blk)[Tr::kOTiles * 4], uint64_t desc_v, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
@@ -313,6 +315,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
       }
     }
     wgmma_commit();
+  };
+  auto issue_pv = [&](OAcc (&blk)[Tr::kOTiles * 4], int stage, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+    issue_pv_at(blk, make_smem_desc(s_v(stage), Tr::kBlockK), pw);
   };
   // Dequantize (one scale per lane, kept positive so masked -inf stays -inf), mask, and the softmax step
   // (row max, exponentials, row sums; softmax.alpha rescales o in add_block); sf then holds P̃ in fp32.
@@ -552,13 +557,18 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
       };
       // One turn: block kb + 1's Q·Kᵀ, then block kb's P̃·V (P̃ from the tile: `pw` then takes block
       // kb + 1's words); block kb + 1's softmax under the P̃·V.
+      // The stages and the next one's phase are counted along the loop, and a stage's descriptors are the
+      // first stage's plus its offset (the address field is addr >> 4, and no stage reaches past 2^18):
+      // the turn's uniform work without a division by kStages or a descriptor rebuilt from its address.
+      const uint64_t desc_k0 = make_smem_desc(s_k(0), kDim), desc_v0 = make_smem_desc(s_v(0), Tr::kBlockK);
+      int stage = 0, next_stage = 1 % Tr::kStages;
+      uint32_t next_phase = Tr::kStages == 1 ? 1 : 0;
       auto turn = [&](int kb, auto masked_next) {
-        const int stage = (kb - kb0) % Tr::kStages, next_stage = (kb + 1 - kb0) % Tr::kStages;
-        mbar_wait(full(next_stage), ((kb + 1 - kb0) / Tr::kStages) & 1);  // no branch with a wgmma in flight
+        mbar_wait(full(next_stage), next_phase);  // no branch with a wgmma in flight
         uint32_t pw[Tr::kBlockK / 32][4];
         turn_wait();
-        issue_qk(s_acc, next_stage);
-        issue_pv(oi, stage, pw);
+        issue_qk_at(s_acc, desc_k0 + static_cast<uint64_t>(next_stage * (Tr::kKBytes >> 4)));
+        issue_pv_at(oi, desc_v0 + static_cast<uint64_t>(stage * (Tr::kVBytes >> 4)), pw);
         turn_pass();
         wgmma_wait<1>();
         fence_registers(s_acc);
@@ -567,6 +577,9 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         fence_registers(oi);
         if (lane == 0) mbar_arrive(empty(stage));  // this warp is done with the stage
         stage_p(pw);
+        stage = next_stage;
+        next_stage = next_stage + 1 == Tr::kStages ? 0 : next_stage + 1;
+        next_phase ^= next_stage == 0 ? 1u : 0u;
       };
       {
         mbar_wait(full(0), 0);
