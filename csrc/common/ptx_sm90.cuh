@@ -74,11 +74,12 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
 // Orders this thread's ordinary shared-memory stores before later reads by the async proxy (wgmma, TMA).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Four 8×8 matrices of 16-bit elements (8 rows of 16 bytes each) from the warp's registers into shared memory:
-// lane 8m + i gives the address of row i of matrix m, and word w[m] of lane 4i + j is 4-byte word j of that row.
+// Four 8×8 matrices of 16-bit elements (8 rows of 16 bytes each) from the warp's registers into shared
+// memory: lane 8m + i gives the address of row i of matrix m, and word w[m] of lane 4i + j is 4-byte word j
+// of that row.
 __device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&w)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(w[0]), "r"(w[1]),
-               "r"(w[2]), "r"(w[3])
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(w[0]),
+               "r"(w[1]), "r"(w[2]), "r"(w[3])
                : "memory");
 }
 

@@ -297,7 +297,8 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
   // P̃·V of one stage (32 keys per wgmma), issued: FP8 into a fresh accumulator `blk`, INT8 added into the
   // row's accumulator. P̃ from this consumer's shared-memory tile, or (kPRegs) from registers `pw`.
   const uint64_t desc_p = make_smem_desc(s_p, Tr::kBlockK);
-  auto issue_pv_at = [&](OAcc (&blk)[Tr::kOTiles * 4], uint64_t desc_v, const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
+  auto issue_pv_at = [&](OAcc (&blk)[Tr::kOTiles * 4], uint64_t desc_v,
+                         const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < Tr::kBlockK / 32; ++j) {
@@ -375,7 +376,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
           part[e >> 1][n % 2] = max(part[e >> 1][n % 2], v);
         }
       }
-      // (In an unmasked block every score is finite, |S| < 2^24, so neither INT_MIN nor a -inf max can come up.)
+      // (In an unmasked block every score is finite, |S| < 2^24: neither INT_MIN nor a -inf max comes up.)
       constexpr bool kSeen = !decltype(masked)::value;
       float lane_max[2];
 #pragma unroll
@@ -420,22 +421,23 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
       }
     }
   };
-  // INT8 P·V at head dim 128: one stmatrix per k step stores a warp's 16 rows × 32 bytes. pw[j][r] is word t of row
-  // g + 8(r & 1) of chunk 2j + (r >> 1), i.e. matrix r's fragment, and lane 8r + i gives the address of that
-  // matrix's row i. With the tile 1024-byte aligned, row·128 leaves bits 4-6 clear, so the swizzled chunk
-  // (2j + h) ^ (row mod 8) is this lane's (h ^ i) << 4 with j << 5 XORed in: one address a lane and k step,
-  // where the 16 word stores took 16 addresses rebuilt every block (H100, CUDA graphs: Wan 14B +3%, N16k
-  // +4%, bit for bit the same; hopper notes st1). The others keep the word stores: with stmatrix FP8 P·V at
-  // head dim 128 ran 2-8% slower, and head dim 64's split instantiations spilled more.
+  // INT8 P·V at head dim 128 without a key mask: one stmatrix per k step stores a warp's 16 rows × 32
+  // bytes. pw[j][r] is word t of row g + 8(r & 1) of chunk 2j + (r >> 1), i.e. matrix r's fragment, and
+  // lane 8r + i gives the address of that matrix's row i. With the tile 1024-byte aligned, row·128 leaves
+  // bits 4-6 clear, so the swizzled chunk (2j + h) ^ (row mod 8) is this lane's (h ^ i) << 4 with j << 5
+  // XORed in: one address a lane and k step, where the 16 word stores took 16 addresses rebuilt every
+  // block (H100, CUDA graphs: Wan 14B +3%, N16k +4%, bit for bit the same; hopper notes st1). The others
+  // keep the word stores: with stmatrix FP8 P·V at head dim 128 ran 2-8% slower, the key-mask
+  // instantiations 1-2% (st6), and head dim 64's split instantiations spilled more.
   static_assert(Tr::kBlockK == 128, "store_p's addresses assume 128-byte rows (the 128-byte swizzle)");
-  // The in-place loop without a key mask holds the address through a lane shuffle of itself, which ptxas cannot
-  // recompute from the thread index: left as arithmetic, it rebuilt it in every block (9 instructions; H100,
-  // CUDA graphs: +1-1.5% at 16-75k tokens, hopper notes st3). With a key mask the same change put the P̃·V's
-  // wait before the exponentials (scripts/sass_schedule.py), so those instantiations keep the arithmetic.
-  [[maybe_unused]] uint32_t p_row = s_p + (warp * 16 + (lane & 15)) * Tr::kBlockK + ((((lane >> 4) ^ lane) & 7) << 4);
+  // The address is held through a lane shuffle of itself, which ptxas cannot recompute from the thread
+  // index: as plain arithmetic it was rebuilt in every block (9 instructions; H100, CUDA graphs: +1-1.5% at
+  // 16-75k tokens, hopper notes st3).
+  [[maybe_unused]] uint32_t p_row =
+      s_p + (warp * 16 + (lane & 15)) * Tr::kBlockK + ((((lane >> 4) ^ lane) & 7) << 4);
   if constexpr (kDim == 128 && kIntPv && !kKeyBias) p_row = __shfl_sync(0xffffffffu, p_row, lane);
   auto store_p = [&](const uint32_t (&pw)[Tr::kBlockK / 32][4]) {
-    if constexpr (kDim == 128 && kIntPv) {
+    if constexpr (kDim == 128 && kIntPv && !kKeyBias) {
 #pragma unroll
       for (int j = 0; j < Tr::kBlockK / 32; ++j) stmatrix_x4(p_row ^ (j << 5), pw[j]);
     } else {
