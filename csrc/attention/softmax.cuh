@@ -48,18 +48,26 @@ struct OnlineSoftmax {
   }
 
   // `step` without the rescale of o: the caller applies `alpha` itself (the wgmma kernel folds it into the
-  // addition of the previous block's P̃·V).
+  // addition of the previous block's P̃·V). kSumFromFirst: as for the overload below.
+  template <bool kSumFromFirst = false>
   __device__ __forceinline__ void scores(float (&s)[kTiles][4], float scale, float offset) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) row_scores(s, half, lane_max(s, half), scale, offset);
+    for (int half = 0; half < 2; ++half) {
+      row_scores<false, kSumFromFirst>(s, half, lane_max(s, half), scale, offset);
+    }
   }
   // `scores` for a caller that has each row's maximum over this lane's keys (unscaled) already. kSeen: every
-  // row has a visible key in this block (no masked key at all), so no new row max is -inf.
-  template <bool kSeen = false>
+  // row has a visible key in this block (no masked key at all), so no new row max is -inf. kSumFromFirst:
+  // each row-sum chain starts from its first exponential rather than from 0 + it, the same sums (no
+  // exponential is -0) with one FADD fewer a chain: the wgmma kernel's in-place INT8 loop gained 0.5-1% with
+  // it (hopper notes st2), while its head-dim-64 INT8 loop lost 6-10% (st7), so only the former asks for it.
+  template <bool kSeen = false, bool kSumFromFirst = false>
   __device__ __forceinline__ void scores(float (&s)[kTiles][4], const float (&lane_max)[2], float scale,
                                          float offset) {
 #pragma unroll
-    for (int half = 0; half < 2; ++half) row_scores<kSeen>(s, half, lane_max[half], scale, offset);
+    for (int half = 0; half < 2; ++half) {
+      row_scores<kSeen, kSumFromFirst>(s, half, lane_max[half], scale, offset);
+    }
   }
 
   // The maximum of row `half` over this lane's keys, as a tree of kWays independent chains: a single chain of
@@ -77,7 +85,7 @@ struct OnlineSoftmax {
 
   // Row `half` given `mx`, its maximum over this lane's keys: the quad's maximum, the rescale and the
   // exponentials, and the row sum (again as kWays chains).
-  template <bool kSeen = false>
+  template <bool kSeen = false, bool kSumFromFirst = false>
   __device__ __forceinline__ void row_scores(float (&s)[kTiles][4], int half, float mx, float scale, float offset) {
     float part[kWays];
     // Each lane of the quad has its own K scale: compare scaled values across lanes. kIntegerMax rounds
@@ -103,9 +111,8 @@ struct OnlineSoftmax {
     }
     this->alpha[half] = alpha;
     const float base = kIntegerMax ? __fsub_ru(m_use, offset) : m_use - offset;
-    // kIntegerMax: each chain starts from its first value rather than from 0 + it, the same sums (no
-    // exponential is -0) with one FADD fewer a chain. (The FP8 path keeps 0 +: its head-dim-64 loop's
-    // schedule changed with it; scripts/sass_schedule.py.)
+    // (kSumFromFirst: see `scores`. FP8's head-dim-64 loop put its exponentials inside its turn with it,
+    // scripts/sass_schedule.py.)
 #pragma unroll
     for (int w = 0; w < kWays; ++w) part[w] = 0.f;
 #pragma unroll
@@ -113,7 +120,7 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int e = 2 * half; e < 2 * half + 2; ++e) {
         s[n][e] = fast_exp2(fmaf(s[n][e], scale, -base));
-        if (kIntegerMax && n < kWays && e == 2 * half) {
+        if (kSumFromFirst && n < kWays && e == 2 * half) {
           part[n] = s[n][e];
         } else {
           part[n % kWays] += s[n][e];

@@ -354,7 +354,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
           sf[n][e] = fmaf((e & 1) ? bn.y : bn.x, inv_scale, static_cast<float>(acc[4 * n + e]));
         }
       }
-      softmax.scores(sf, scale, exp_offset);
+      softmax.template scores<kSoftmaxUnderPv>(sf, scale, exp_offset);
     } else if constexpr (kSoftmaxUnderPv) {
       // Each row's maximum over the lane's keys taken on the int32 S (exact: |S| < 2^24) beside the
       // conversions instead of after them.
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         const int mx = max(part[half][0], part[half][1]);
         lane_max[half] = !kSeen && mx == INT_MIN ? -kInf : static_cast<float>(mx);
       }
-      softmax.template scores<kSeen>(sf, lane_max, scale, exp_offset);
+      softmax.template scores<kSeen, /*kSumFromFirst=*/true>(sf, lane_max, scale, exp_offset);
     } else {
 #pragma unroll
       for (int n = 0; n < Tr::kSTiles; ++n) {
