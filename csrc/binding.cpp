@@ -130,7 +130,7 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
     STD_TORCH_CHECK(kb.is_contiguous() && reinterpret_cast<uintptr_t>(kb.data_ptr()) % 16 == 0,
                     "key_bias must be contiguous and 16-byte aligned");
     STD_TORCH_CHECK(kb.size(0) == 1 || kb.size(0) == dq.b, "key_bias must have q's batch size or 1 row");
-    STD_TORCH_CHECK(kb.size(1) == key_bias_width + round_up(key_bias_width / kSm80BlockK, 4),
+    STD_TORCH_CHECK(kb.size(1) == key_bias_row_length(key_bias_width),
                     "key_bias rows must hold N_kv rounded up to ", kKeyBiasAlign, " values and a flag per ",
                     kSm80BlockK, " of them");
   }
@@ -156,7 +156,6 @@ std::tuple<Tensor, Tensor> attention(Tensor q, Tensor k, Tensor v, int64_t layou
   // kernels' y the query heads and z the batch. A call with more runs in batch chunks that fit, one after
   // another on the stream (factorized video attention, e.g. temporal attention over every latent position,
   // has batch × heads of 10^5 and more).
-  constexpr int64_t kMaxGridYZ = 65535;
   STD_TORCH_CHECK(dq.h <= kMaxGridYZ, "the kernels take at most ", kMaxGridYZ, " query heads a call");
   const int64_t chunk = std::min<int64_t>(dq.b, kMaxGridYZ / dq.h);
   const int64_t last_chunk = dq.b - (dq.b - 1) / chunk * chunk;  // the last chunk's batch (≤ chunk)
@@ -282,9 +281,9 @@ Tensor key_bias(Tensor mask) {
     default: STD_TORCH_CHECK(false, "mask must be bool, float16, bfloat16, float32 or float64");
   }
   const int64_t rows = mask.size(0), seq_kv = mask.size(1);
-  STD_TORCH_CHECK(rows >= 1 && rows <= 65535 && seq_kv >= 1 && seq_kv <= INT32_MAX - kKeyBiasAlign,
+  STD_TORCH_CHECK(rows >= 1 && rows <= kMaxGridYZ && seq_kv >= 1 && seq_kv <= INT32_MAX - kKeyBiasAlign,
                   "mask must have 1 to 65,535 rows and at least one key");
-  const int64_t width = round_up(seq_kv, kKeyBiasAlign), row_length = width + round_up(width / kSm80BlockK, 4);
+  const int64_t width = round_up(seq_kv, kKeyBiasAlign), row_length = key_bias_row_length(width);
   const int64_t device = mask.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
   const cudaStream_t stream = current_stream(device);

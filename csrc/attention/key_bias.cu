@@ -74,7 +74,7 @@ cudaError_t launch(const void* mask, const KeyBiasArgs& a, cudaStream_t stream) 
 }  // namespace
 
 cudaError_t launch_key_bias(const void* mask, MaskType type, const KeyBiasArgs& args, cudaStream_t stream) {
-  if (args.rows <= 0 || args.rows > 65535 || args.width <= 0 || args.width % kKeyBiasAlign) {
+  if (args.rows <= 0 || args.rows > kMaxGridYZ || args.width <= 0 || args.width % kKeyBiasAlign) {
     return cudaErrorInvalidValue;
   }
   switch (type) {

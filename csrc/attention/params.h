@@ -12,6 +12,12 @@ constexpr int kSm80BlockQ = 128;
 constexpr int kSm80WarpQ = 16;
 constexpr int kSm80BlockK = 64;
 constexpr int kKeyBiasAlign = 128;  // AttentionArgs::key_bias_width's multiple
+// A key_bias row for `width` keys (N_kv rounded up to kKeyBiasAlign): the bias values, then a flag per
+// kSm80BlockK keys, rounded up to 4 (comfy_sage/ops.py key_bias_row_length).
+constexpr int64_t key_bias_row_length(int64_t width) { return width + (width / kSm80BlockK + 3) / 4 * 4; }
+// Grid dimensions y and z take at most this many blocks (the key_bias op's rows; the attention call's heads
+// and batch chunks, csrc/binding.cpp).
+constexpr int kMaxGridYZ = 65535;
 // The most negative finite key bias (log2 domain): a finite mask value stays finite (bfloat16's −finfo.max,
 // the padding ComfyUI's models use, would overflow to −inf), so a row whose every key has one averages V, as
 // PyTorch's attention does (comfy_sage/ops.py FINITE_BIAS_FLOOR).
