@@ -21,9 +21,8 @@ FP8_D64 = "_ZN10comfy_sage21sm90_attention_kernelILi64ELNS_6PvTypeE1ELb0ELb0EEEv
 EXPS = ["MUFU.EX2 R40, R40"] * 64
 
 
-def int8_block(wait_first: bool, before: int = 64) -> list[str]:
-    """One INT8 block whose P̃·V wait comes after `before` of its 64 exponentials (none if `wait_first`)."""
-    before = 0 if wait_first else before
+def int8_block(before: int = 64) -> list[str]:
+    """One INT8 block whose P̃·V wait comes after `before` of its 64 exponentials."""
     softmax = [*EXPS[:before], "WARPGROUP.DEPBAR.LE gsb0, 0x0", *EXPS[before:]]
     return [
         "BAR.SYNC.DEFER_BLOCKING R11, 0x100",
@@ -69,18 +68,18 @@ def findings(text: str):
 
 
 def test_int8_head_dim_128_passes_the_softmax_under_the_product():
-    result = findings(cuobjdump_text(INT8_D128, int8_block(False) + int8_block(False)))
+    result = findings(cuobjdump_text(INT8_D128, int8_block() + int8_block()))
     assert [f.ok for f in result] == [True, True]
 
 
 def test_int8_head_dim_128_flags_the_product_waited_for_before_the_exponentials():
-    result = findings(cuobjdump_text(INT8_D128, int8_block(False) + int8_block(True)))
+    result = findings(cuobjdump_text(INT8_D128, int8_block() + int8_block(before=0)))
     assert [f.ok for f in result] == [True, False]
     assert "0 of 64" in result[1].detail
 
 
 def test_int8_head_dim_128_needs_at_least_half_of_the_exponentials_before_the_wait():
-    result = findings(cuobjdump_text(INT8_D128, int8_block(False, before=32) + int8_block(False, before=31)))
+    result = findings(cuobjdump_text(INT8_D128, int8_block(before=32) + int8_block(before=31)))
     assert [f.ok for f in result] == [True, False]
     assert "32 of 64" in result[0].detail and "31 of 64" in result[1].detail
 
@@ -96,8 +95,8 @@ def test_fp8_head_dim_64_flags_the_turn_held_through_the_softmax():
 
 
 def test_other_architectures_and_kernels_are_left_out():
-    assert findings(cuobjdump_text(INT8_D128, int8_block(True) * 2, arch="sm_80")) == []
-    assert findings(cuobjdump_text("_ZN10comfy_sage12other_kernelEv", int8_block(True) * 2)) == []
+    assert findings(cuobjdump_text(INT8_D128, int8_block(before=0) * 2, arch="sm_80")) == []
+    assert findings(cuobjdump_text("_ZN10comfy_sage12other_kernelEv", int8_block(before=0) * 2)) == []
 
 
 def test_a_kernel_without_its_loop_is_reported():
