@@ -609,7 +609,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
         }
       }
       uint32_t unused[Tr::kBlockK / 32][4];  // P̃ from the tile
-      pv_turn(oi, (num_k_blocks - 1 - kb0) % Tr::kStages, unused);  // the last block's P̃·V
+      pv_turn(oi, stage, unused);  // the last block's P̃·V (the turns counted `stage` up to its stage)
     } else {
       bool this_biased = biased(kb0);
       for (int kb = kb0; kb < num_k_blocks; ++kb) {
