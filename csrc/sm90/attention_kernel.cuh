@@ -587,7 +587,7 @@ __global__ void __launch_bounds__(Sm90Traits<kDim, kPv, kKeyBias>::kThreads, 1)
       {
         mbar_wait(full(0), 0);
         uint32_t pw[Tr::kBlockK / 32][4];
-        issue_qk(s_acc, 0);
+        issue_qk_at(s_acc, desc_k0);
         turn_pass();
         wgmma_wait<0>();
         fence_registers(s_acc);
