@@ -6,7 +6,8 @@ How a model gets patched (`patch_model`)
   call that carries `transformer_options` (ComfyUI ≥ 0.3.60). Module globals are never touched, so the patch
   belongs to that clone alone: bypassing the node restores stock attention on the next run, and two models in
   one workflow can run different modes. An override already set (another node's) becomes our fallback; our
-  own earlier patch is replaced, never stacked.
+  own earlier patch is replaced, never stacked. The model holds one override: a node that sets it after ours
+  (ComfyUI 0.33's own `ModelPatcher.set_model_optimized_attention` writes the same key) replaces ours.
 - `SageOverride` is immutable configuration; `__deepcopy__` returns itself, so the deep copy that every
   `ModelPatcher.clone()` makes of `model_options` (a LoRA node after ours) keeps the same object, the same
   one-time log and the same link to the step wrapper.

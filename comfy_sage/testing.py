@@ -51,3 +51,19 @@ def make_qkv(
     if layout == "NHD":
         q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def comfyui_unet_config(config: dict) -> dict:
+    """`config` (a ComfyUI diffusion model's unet config, as the tests and scripts/comfyui_e2e.py write them for
+    ComfyUI 0.3.60) with the fields that the running ComfyUI requires and older releases reject: Flux's
+    `txt_ids_dims` (a required FluxParams field since ComfyUI 0.4), set to [] as ComfyUI's own model detection
+    sets it for Flux-dev. Needs ComfyUI importable when the config is Flux's."""
+    config = dict(config)
+    if config.get("image_model") == "flux":
+        import dataclasses
+
+        from comfy.ldm.flux.model import FluxParams
+
+        if "txt_ids_dims" in {field.name for field in dataclasses.fields(FluxParams)}:
+            config.setdefault("txt_ids_dims", [])
+    return config

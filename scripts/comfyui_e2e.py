@@ -79,6 +79,7 @@ def main() -> int:
     import comfy.supported_models as sm
 
     from comfy_sage import comfyui, dispatch
+    from comfy_sage.testing import comfyui_unet_config
 
     dev, bf16 = torch.device("cuda"), torch.bfloat16
 
@@ -86,7 +87,7 @@ def main() -> int:
         return torch.randn(*shape, device=dev, dtype=bf16)
 
     def build(config_cls, unet_config):
-        config = config_cls(dict(unet_config))
+        config = config_cls(comfyui_unet_config(unet_config))
         config.set_inference_dtype(bf16, None)
         model = config.get_model({}, device=dev)
         gen = torch.Generator(device=dev).manual_seed(0)

@@ -50,6 +50,7 @@ def main() -> None:
     from fake_kernels import FakeKernels
 
     from comfy_sage import comfyui
+    from comfy_sage.testing import comfyui_unet_config
 
     if hasattr(pack, "comfy_entrypoint"):
         nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
@@ -69,7 +70,7 @@ def main() -> None:
 
     def build(config_cls, unet_config, dtype=torch.float32, device="cpu", seed=0):
         """A ComfyUI model from `unet_config` with seeded random weights (the same values for every dtype)."""
-        config = config_cls(dict(unet_config))
+        config = config_cls(comfyui_unet_config(unet_config))
         config.set_inference_dtype(dtype, None)
         device = torch.device(device)
         model = config.get_model({}, device=device)
