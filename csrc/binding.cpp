@@ -282,7 +282,7 @@ Tensor key_bias(Tensor mask) {
   }
   const int64_t rows = mask.size(0), seq_kv = mask.size(1);
   STD_TORCH_CHECK(rows >= 1 && rows <= kMaxGridYZ && seq_kv >= 1 && seq_kv <= INT32_MAX - kKeyBiasAlign,
-                  "mask must have 1 to 65,535 rows and at least one key");
+                  "mask must have 1 to ", kMaxGridYZ, " rows and at least one key");
   const int64_t width = round_up(seq_kv, kKeyBiasAlign), row_length = key_bias_row_length(width);
   const int64_t device = mask.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
