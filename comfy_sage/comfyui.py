@@ -28,7 +28,10 @@ What one attention call runs (`SageOverride.__call__`), in this order
    says so.
 The fallback is the previous override if there was one, else ComfyUI's `attention_pytorch`, never `func`
 (ComfyUI's global default, which is itself SageAttention under `--use-sage-attention`). Calls arrive with
-`_inside_attn_wrapper` set, so calling a decorated backend does not re-enter the override.
+`_inside_attn_wrapper` set, so calling a decorated backend does not re-enter the override. Newer ComfyUI
+call sites wrap q/k/v in tensor containers and pass a layer's `preferred_attention`; ComfyUI drops that keyword
+and unwraps the containers before it calls an override without a `container_function` attribute, which
+`SageOverride` must therefore never have (it receives plain tensors, as from older releases).
 
 Layouts: q/k/v are [b, tokens, heads·dim] (heads from `heads`, K/V heads from their width: GQA) or, with
 `skip_reshape`, [b, heads, tokens, dim]; the output is [b, tokens, heads·dim] or, with

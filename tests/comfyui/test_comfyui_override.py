@@ -84,6 +84,22 @@ def test_heads_can_be_a_keyword_and_scale_is_passed(hooks, kernels):
     assert kernels.calls[1]["scale"] is None  # the kernel's default 1/sqrt(d)
 
 
+@pytest.mark.parametrize("mode", ["auto", "off (PyTorch)"])
+def test_newer_comfyui_call_sites_containers_and_preferred_attention(hooks, kernels, mode):
+    """ComfyUI 0.3x call sites wrap q/k/v in tensor containers and pass `preferred_attention`: the override is
+    a plain callable (no `container_function`), so ComfyUI hands it tensors, and either path gives attention."""
+    model = patched(hooks, mode)
+    assert not hasattr(model.model_options["transformer_options"][comfyui.OVERRIDE_KEY], "container_function")
+    q, k, v = make_qkv(True, m=40)
+    wrapped = [attention.AttentionTensorContainer(t) for t in (q, k, v)]
+    out = attend(model, *wrapped, 4, skip_reshape=True, preferred_attention=object())
+    torch.testing.assert_close(out, expected(q, k, v, 4, skip_reshape=True), rtol=1e-5, atol=1e-5)
+    if mode == "auto":
+        assert len(kernels.calls) == 1 and not attention.CALLS
+    else:
+        assert attention.CALLS == {"pytorch": 1} and not kernels.calls
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_dtypes_are_kept(hooks, kernels, dtype):
     model = patched(hooks)

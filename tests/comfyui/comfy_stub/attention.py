@@ -6,6 +6,11 @@ skip_output_reshape=False, **kwargs)`; q/k/v are [b, tokens, heads·dim] or, wit
 tokens, dim]. The decorator calls `transformer_options["optimized_attention_override"](func, *args, **kwargs)`
 when set, with `_inside_attn_wrapper=True` in kwargs so the override may call any backend directly.
 
+Newer ComfyUI (0.3x) call sites may hand q/k/v over wrapped in `AttentionTensorContainer` and add a
+`preferred_attention` keyword (a layer's own backend choice). The decorator drops that keyword before anything
+else and unwraps the containers before it calls an override, unless the override has a `container_function`,
+which then gets the containers instead. Older releases pass plain tensors and no such keyword.
+
 `CALLS` counts what ran, by backend name, so tests can tell the fallback from the global default.
 """
 
@@ -20,16 +25,35 @@ import torch.nn.functional as F
 CALLS: Counter = Counter()
 
 
+class AttentionTensorContainer:
+    """One of q/k/v handed over by reference, so that the callee can take it (and free the caller's name)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def take(self):
+        tensor, self.tensor = self.tensor, None
+        return tensor
+
+
+def _unwrapped(args):
+    return tuple(a.take() if isinstance(a, AttentionTensorContainer) else a for a in args[:3]) + tuple(args[3:])
+
+
 def wrap_attn(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        kwargs.pop("preferred_attention", None)
         if "_inside_attn_wrapper" in kwargs:
-            return func(*args, **kwargs)
+            return func(*_unwrapped(args), **kwargs)
         kwargs["_inside_attn_wrapper"] = True
         options = kwargs.get("transformer_options")
         if options is not None and "optimized_attention_override" in options:
-            return options["optimized_attention_override"](func, *args, **kwargs)
-        return func(*args, **kwargs)
+            override = options["optimized_attention_override"]
+            if hasattr(override, "container_function"):
+                return override.container_function(*args, **kwargs)
+            return override(func, *_unwrapped(args), **kwargs)
+        return func(*_unwrapped(args), **kwargs)
 
     return wrapper
 
