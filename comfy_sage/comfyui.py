@@ -28,7 +28,7 @@ What one attention call runs (`SageOverride.__call__`), in this order
    says so.
 The fallback is the previous override if there was one, else ComfyUI's `attention_pytorch`, never `func`
 (ComfyUI's global default, which is itself SageAttention under `--use-sage-attention`). Calls arrive with
-`_inside_attn_wrapper` set, so calling a decorated backend does not re-enter the override. Newer ComfyUI
+`_inside_attn_wrapper` set, so calling a decorated backend does not re-enter the override. ComfyUI 0.38's
 call sites wrap q/k/v in tensor containers and pass a layer's `preferred_attention`; ComfyUI drops that keyword
 and unwraps the containers before it calls an override without a `container_function` attribute, which
 `SageOverride` must therefore never have (it receives plain tensors, as from older releases).

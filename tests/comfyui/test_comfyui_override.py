@@ -86,7 +86,7 @@ def test_heads_can_be_a_keyword_and_scale_is_passed(hooks, kernels):
 
 @pytest.mark.parametrize("mode", ["auto", "off (PyTorch)"])
 def test_newer_comfyui_call_sites_containers_and_preferred_attention(hooks, kernels, mode):
-    """ComfyUI 0.3x call sites wrap q/k/v in tensor containers and pass `preferred_attention`: the override is
+    """ComfyUI 0.38's call sites wrap q/k/v in tensor containers and pass `preferred_attention`: the override is
     a plain callable (no `container_function`), so ComfyUI hands it tensors, and either path gives attention."""
     model = patched(hooks, mode)
     assert not hasattr(model.model_options["transformer_options"][comfyui.OVERRIDE_KEY], "container_function")

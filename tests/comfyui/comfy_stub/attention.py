@@ -6,10 +6,11 @@ skip_output_reshape=False, **kwargs)`; q/k/v are [b, tokens, heads·dim] or, wit
 tokens, dim]. The decorator calls `transformer_options["optimized_attention_override"](func, *args, **kwargs)`
 when set, with `_inside_attn_wrapper=True` in kwargs so the override may call any backend directly.
 
-Newer ComfyUI (0.3x) call sites may hand q/k/v over wrapped in `AttentionTensorContainer` and add a
-`preferred_attention` keyword (a layer's own backend choice). The decorator drops that keyword before anything
-else and unwraps the containers before it calls an override, unless the override has a `container_function`,
-which then gets the containers instead. Older releases pass plain tensors and no such keyword.
+Newer ComfyUI call sites may hand q/k/v over wrapped in `AttentionTensorContainer` (0.33 defines it; by 0.38
+Flux, Wan and SDXL use it) and add a `preferred_attention` keyword (a layer's own backend choice, after 0.33).
+The decorator drops that keyword before anything else and unwraps the containers before it calls an override,
+unless the override has a `container_function`, which then gets the containers instead. Older releases pass
+plain tensors and no such keyword.
 
 `CALLS` counts what ran, by backend name, so tests can tell the fallback from the global default.
 """
