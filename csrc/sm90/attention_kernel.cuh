@@ -135,9 +135,10 @@ struct Sm90Traits {
   // P̃ straight from registers as P̃·V's A operand instead of through shared memory: no stores, fence or
   // barrier per block. At head dim 64 only (the registers are there), with FP8 P·V only (INT8's conversions
   // then spill and run 20% slower, i5), and only in the plain instantiation: the split one measured 11% slower
-  // with it (docs/hopper-notes.md, g10). Without the stores nothing in memory orders a block's softmax before
-  // the turn's barrier, and after edits elsewhere ptxas has sunk it below (the consumer then holds the turn
-  // through its exponentials: ~60% speed); scripts/sass_schedule.py checks the order (g14).
+  // with it (docs/hopper-notes.md, g10), and level once its order was pinned (g19). Without the stores nothing
+  // in memory orders a block's softmax before the turn's barrier, and after edits elsewhere ptxas has sunk it
+  // below (the consumer then holds the turn through its exponentials: ~60% speed); scripts/sass_schedule.py
+  // checks the order (g14).
   static constexpr bool kPRegs = kDim == 64 && !kIntPv;
   // The consumers take turns at the tensor cores (named barriers kRingBarrier + c, in a ring): each issues
   // one block's P̃·V, adds it into O and issues the next block's Q·Kᵀ in its turn, then hands over and runs
