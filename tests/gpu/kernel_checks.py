@@ -335,8 +335,9 @@ def check_out_of_memory_runs_pytorch_attention(family: str) -> None:
 
 
 def _run_in_fresh_process(script: str, *args: str) -> None:
-    """Runs `script` in a new Python process (the repository and this folder importable); it must print "ok"."""
-    path = os.pathsep.join(filter(None, (str(ROOT), str(Path(__file__).parent), os.environ.get("PYTHONPATH"))))
+    """Runs `script` in a new Python process (the repository and this folder importable, after $PYTHONPATH, which
+    may name an installed comfy_sage to test instead of the checkout's); it must print "ok"."""
+    path = os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(ROOT), str(Path(__file__).parent))))
     done = subprocess.run(
         [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": path},
