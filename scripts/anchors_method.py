@@ -1,9 +1,9 @@
 """How the timing method moves PyTorch's attention, and whether it moves our ratio to it (docs/hopper-notes.md x12).
 
 ANCHORS.md gives cuDNN's SDPA 561 TOPS at Flux 1024² and 305 at SDXL on this project's H100, where `bench`
-measures 650-660 and 470-480. This times cuDNN's SDPA at the ANCHORS.md shapes in several ways (calls queued as
-a model issues them, as `bench` does by default; isolated calls timed by CUDA events or by the wall clock; each
-with and without PyTorch's `sdpa_kernel` context entered in every call), then `comfy_sage.sageattn` (`auto`)
+measures 650-660 and 470-480. This times cuDNN's SDPA at the ANCHORS.md shapes in several ways (`bench`'s two:
+calls queued as a model issues them, and isolated calls timed by CUDA events; isolated calls by the wall clock;
+each with and without PyTorch's `sdpa_kernel` context entered in every call), then `comfy_sage.sageattn` (`auto`)
 and cuDNN side by side the way that comes nearest ANCHORS.md. bf16 random-normal inputs, [B, H, N, D], the
 median of 20 calls after 3 warm-ups; the side-by-side part takes the better of two interleaved rounds.
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import comfy_sage
+from comfy_sage.bench import time_call
 
 # name: ((B, H, N, D), the cuDNN TOPS ANCHORS.md gives)
 SHAPES = {
@@ -32,34 +33,11 @@ SHAPES = {
     "N16k D64": ((1, 24, 16384, 64), 480),
     "B2 H24 N4096": ((2, 24, 4096, 128), 581),
 }
-CALLS = 20
-
-
-def queued(fn) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(CALLS):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / CALLS
-
-
-def events(fn) -> float:
-    times = []
-    for _ in range(CALLS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+CALLS, WARMUP = 20, 3
 
 
 def wall(fn) -> float:
+    """Median seconds of one isolated call by the wall clock: the host's time to issue it and to see it end."""
     times = []
     for _ in range(CALLS):
         torch.cuda.synchronize()
@@ -81,27 +59,32 @@ def sdpa(q, k, v, context: bool):
     return call
 
 
-def tops(shape, timer, fn) -> float:
-    for _ in range(3):
-        fn()
+def tops(shape, method: str, fn) -> float:
+    """TOPS of `fn` timed by `method`: "wall" (above), or `bench`'s own "queued" or "single" (CUDA events)."""
+    if method == "wall":
+        for _ in range(WARMUP):
+            fn()
+        seconds = wall(fn)
+    else:
+        seconds = time_call(fn, (), warmup=WARMUP, repeat=CALLS, timing=method)
     batch, heads, n, d = shape
-    return 4 * batch * heads * n * n * d / timer(fn) / 1e12
+    return 4 * batch * heads * n * n * d / seconds / 1e12
 
 
 def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
     methods = {
-        "queued": (queued, False),
-        "events": (events, False),
-        "wall": (wall, False),
-        "events+ctx": (events, True),
-        "wall+ctx": (wall, True),
+        "queued": ("queued", False),
+        "events": ("single", False),
+        "wall": ("wall", False),
+        "events+ctx": ("single", True),
+        "wall+ctx": ("wall", True),
     }
     print("\ncuDNN SDPA, TOPS by timing method")
     print(f"{'shape':14s}" + "".join(f"{m:>12s}" for m in methods) + f"{'ANCHORS.md':>12s}")
     for name, (shape, anchor) in SHAPES.items():
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        row = [tops(shape, timer, sdpa(q, k, v, context)) for timer, context in methods.values()]
+        row = [tops(shape, method, sdpa(q, k, v, context)) for method, context in methods.values()]
         print(f"{name:14s}" + "".join(f"{x:12.0f}" for x in row) + f"{anchor:12d}", flush=True)
 
     print("\nwall+ctx for both, the better of two interleaved rounds")
@@ -111,8 +94,8 @@ def main() -> None:
         ours_fn, theirs_fn = partial(comfy_sage.sageattn, q, k, v), sdpa(q, k, v, context=True)
         ours, theirs = [], []
         for _ in range(2):
-            ours.append(tops(shape, wall, ours_fn))
-            theirs.append(tops(shape, wall, theirs_fn))
+            ours.append(tops(shape, "wall", ours_fn))
+            theirs.append(tops(shape, "wall", theirs_fn))
         a, c = max(ours), max(theirs)
         print(f"{name:14s}{a:8.0f}{c:8.0f}{anchor:12d}{a / c:14.2f}{a / anchor:16.2f}", flush=True)
 
